@@ -1,0 +1,33 @@
+"""What every app entrypoint shares: bad input is one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf.errors import MissingMandatoryValue
+
+from .errors import TuningForkError
+
+
+def run_app(fn, cfg):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return fn(cfg)
+    except MissingMandatoryValue as e:
+        fail(f"{e.full_key} is not set: add {e.full_key}=<value> to the command line")
+    except TuningForkError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted")
+
+
+def fail(message: str) -> None:
+    """In a multirun, raise so the sweeper records this job as failed; otherwise print one line and exit."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise TuningForkError(message)
+    print(f"tuning_fork: error: {message}", file=sys.stderr)
+    sys.exit(2)

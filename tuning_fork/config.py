@@ -1,0 +1,165 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` puts `tuning_fork_schema` first in its defaults list, so every option of every group is
+merged into these dataclasses: a misspelled key or a value of the wrong type fails at composition, before
+any model loads. Range checks Hydra cannot express live in `check()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .errors import ConfigError
+
+FINE_TUNE_TYPES = ("lora", "dora", "full", "qlora")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+DATA_SOURCES = ("demo", "jsonl", "hf")
+PROMPT_FORMATS = ("tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # a Hugging Face id, a local folder, or `tiny` (built in)
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    # QLoRA: quantize an unquantized base before fitting adapters. adapter=qlora uses 4 bits when unset.
+    quantize_bits: Optional[int] = None
+    quantize_group_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"  # demo | jsonl | hf
+    path: Optional[str] = None  # jsonl: folder with train/valid[/test].jsonl; hf: the data set id
+    # hf only: split expressions and the data set's configuration name
+    hf_config: Optional[str] = None
+    train_split: str = "train"
+    valid_split: Optional[str] = "validation"
+    test_split: Optional[str] = None
+    # the record fields, as mlx-lm names them
+    text_feature: str = "text"
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    chat_feature: str = "messages"
+    mask_prompt: bool = False  # completion-only loss
+    max_seq_length: int = 2048
+
+
+@dataclass
+class LRScheduleConfig:
+    name: str = "cosine_decay"  # any mlx.optimizers.schedulers function
+    arguments: List[Any] = field(default_factory=list)  # its positional arguments after the peak rate
+    warmup: int = 0  # linear warmup, in optimizer updates
+    warmup_init: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    optimizer: str = "adam"
+    optimizer_args: Dict[str, Any] = field(default_factory=dict)
+    lr_schedule: Optional[LRScheduleConfig] = None
+    grad_accumulation_steps: int = 1
+    grad_checkpoint: bool = False
+    epochs: Optional[float] = None  # wins over iters when set
+    iters: int = 100
+    steps_per_eval: int = 100
+    steps_per_report: int = 10
+    save_every: int = 100
+    val_batches: int = 25  # -1: the whole validation set
+    test_batches: int = -1
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"  # lora | dora | full | qlora
+    rank: int = 8
+    alpha: float = 16.0  # PEFT-style; mlx-lm's scale = alpha / rank
+    scale: Optional[float] = None  # mlx-lm's scale directly; wins over alpha when set
+    dropout: float = 0.0
+    keys: Optional[List[str]] = None  # module paths inside each block, e.g. [self_attn.q_proj]; null: all linears
+    num_layers: int = -1  # blocks from the top to adapt; -1 (or more than the model has): all
+
+
+@dataclass
+class PromptConfig:
+    format: str = "tokenizer"  # tokenizer | chatml | llama3 | mistral | alpaca | phi | gemma
+    system: Optional[str] = None
+    text: Optional[str] = None
+
+
+@dataclass
+class WandbConfig:
+    project: Optional[str] = None  # null: no W&B
+    run: Optional[str] = None
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    adapter: AdapterConfig = MISSING
+    prompt: PromptConfig = MISSING
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0
+    output_dir: Optional[str] = None  # where the run writes; null: Hydra's run folder
+    optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="tuning_fork_schema", node=Config)
+
+
+def check(cfg) -> None:
+    """Range checks that types cannot express; each error names the key and what to do."""
+
+    def bad(key, value, want):
+        raise ConfigError(f"{key}={value!r} is invalid: {want}")
+
+    s, a, d = cfg.schedule, cfg.adapter, cfg.data
+    if s.batch_size < 1:
+        bad("schedule.batch_size", s.batch_size, "use a batch size of at least 1")
+    if s.epochs is not None and s.epochs <= 0:
+        bad("schedule.epochs", s.epochs, "use a positive number of epochs, or epochs=null to train by iters")
+    if s.epochs is None and s.iters < 1:
+        bad("schedule.iters", s.iters, "use at least 1 iteration")
+    if s.grad_accumulation_steps < 1:
+        bad("schedule.grad_accumulation_steps", s.grad_accumulation_steps, "use at least 1")
+    if s.learning_rate <= 0:
+        bad("schedule.learning_rate", s.learning_rate, "use a positive learning rate")
+    for key in ("steps_per_eval", "steps_per_report", "save_every"):
+        if s[key] < 1:
+            bad(f"schedule.{key}", s[key], "use an interval of at least 1 iteration")
+    if s.val_batches < 1 and s.val_batches != -1:
+        bad("schedule.val_batches", s.val_batches, "use at least 1, or -1 for the whole validation set")
+    if s.optimizer not in OPTIMIZERS:
+        bad("schedule.optimizer", s.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
+    if a.type not in FINE_TUNE_TYPES:
+        bad("adapter.type", a.type, f"choose one of {', '.join(FINE_TUNE_TYPES)}")
+    if a.type != "full" and a.rank < 1:
+        bad("adapter.rank", a.rank, "use a rank of at least 1")
+    if not 0.0 <= a.dropout < 1.0:
+        bad("adapter.dropout", a.dropout, "use a dropout in [0, 1)")
+    if a.num_layers == 0 or a.num_layers < -1:
+        bad("adapter.num_layers", a.num_layers, "use -1 (all blocks) or a positive number")
+    if d.source not in DATA_SOURCES:
+        bad("data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
+    if d.source in ("jsonl", "hf") and not d.path:
+        bad("data.path", d.path, f"data={d.source} needs data.path=" +
+            ("<folder with train.jsonl and valid.jsonl>" if d.source == "jsonl" else "<data set id>"))
+    if d.max_seq_length < 2:
+        bad("data.max_seq_length", d.max_seq_length, "use at least 2 tokens")
+    if cfg.prompt.format not in PROMPT_FORMATS:
+        bad("prompt.format", cfg.prompt.format, f"choose one of {', '.join(PROMPT_FORMATS)}")
+    q = cfg.model.quantize_bits
+    if q is not None and q not in (2, 3, 4, 5, 6, 8):
+        bad("model.quantize_bits", q, "use 2, 3, 4, 5, 6 or 8")

@@ -1,0 +1,279 @@
+"""Data: reading and checking records, tokenizing them, and batching them for mlx-lm's trainer.
+
+Records are read and checked before any model loads, so a bad line costs seconds, not a model download.
+Formats are mlx-lm's: {"text"}, {"prompt", "completion"}, {"messages"} (chat, optionally with "tools").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import DataError
+
+SPLITS = ("train", "valid", "test")
+PAD_TO = 32  # rows are padded to a multiple of this: few distinct shapes keep mx.compile's cache small
+
+
+def demo_dir() -> Path:
+    return Path(__file__).parent / "demo"
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Split:
+    name: str
+    origin: str  # file path or data set id, for messages
+    records: list
+    lines: list  # the line number of each record (1-based), for messages
+    format: str  # chat | completions | text
+
+
+def record_format(rec: dict, fields) -> str | None:
+    if fields.prompt_feature in rec and fields.completion_feature in rec:
+        return "completions"
+    if fields.chat_feature in rec:
+        return "chat"
+    if fields.text_feature in rec:
+        return "text"
+    return None
+
+
+def _check_record(rec, fmt: str, fields) -> str | None:
+    """What is wrong with one record of a known format, or None."""
+    if fmt == "completions":
+        for k in (fields.prompt_feature, fields.completion_feature):
+            if not isinstance(rec[k], str):
+                return f'"{k}" must be a string'
+    elif fmt == "text":
+        if not isinstance(rec[fields.text_feature], str) or not rec[fields.text_feature]:
+            return f'"{fields.text_feature}" must be a non-empty string'
+    else:
+        msgs = rec[fields.chat_feature]
+        if not isinstance(msgs, list) or not msgs:
+            return f'"{fields.chat_feature}" must be a non-empty list of {{"role", "content"}} messages'
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return f'message {i} must be an object with a "role" string'
+            if not isinstance(m.get("content"), str) and not m.get("tool_calls"):
+                return f'message {i} ({m["role"]}) must have a "content" string'
+    return None
+
+
+def _formats_help(fields) -> str:
+    return (f'{{"{fields.text_feature}": ...}}, {{"{fields.prompt_feature}": ..., "{fields.completion_feature}": ...}}'
+            f' or {{"{fields.chat_feature}": [{{"role": ..., "content": ...}}, ...]}}')
+
+
+def check_records(name: str, origin: str, records: list, lines: list, fields) -> Split:
+    """Every record must be an object in one format, with the right field types."""
+    if not records:
+        raise DataError(f"{origin}: the {name} split is empty: add records to it")
+    fmt = None
+    for rec, line in zip(records, lines):
+        where = f"{origin}:{line}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: a record must be a JSON object, found {type(rec).__name__}")
+        this = record_format(rec, fields)
+        if this is None:
+            raise DataError(f"{where}: no known fields in {sorted(rec)[:5]}: use {_formats_help(fields)}")
+        if fmt is None:
+            fmt, first = this, line
+        elif this != fmt:
+            raise DataError(f"{where}: a {this} record in a {fmt} split (line {first} is {fmt}): "
+                            "use one format per data set")
+        if problem := _check_record(rec, fmt, fields):
+            raise DataError(f"{where}: {problem}")
+    return Split(name, origin, records, lines, fmt)
+
+
+def read_jsonl(path: Path) -> tuple[list, list]:
+    records, lines = [], []
+    try:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{n}: not UTF-8 text: is this a JSONL file?") from None
+                if not text.strip():
+                    continue
+                try:
+                    records.append(json.loads(text))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                lines.append(n)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    return records, lines
+
+
+def load_splits(data) -> dict[str, Split]:
+    """Read and check every split of `data` (the `data` config group). No tokenizer needed."""
+    if data.source == "hf":
+        return _load_hf(data)
+    folder = demo_dir() if data.source == "demo" else Path(data.path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.path={data.path}: no such folder: point it at a folder holding "
+                        "train.jsonl and valid.jsonl")
+    splits = {}
+    for name in SPLITS:
+        path = folder / f"{name}.jsonl"
+        if not path.exists():
+            if name == "test":
+                continue
+            raise DataError(f"{path}: missing: data.path needs train.jsonl and valid.jsonl "
+                            "(test.jsonl is optional)")
+        splits[name] = check_records(name, str(path), *read_jsonl(path), data)
+    if splits["train"].format != splits["valid"].format:
+        raise DataError(f"{splits['valid'].origin}: {splits['valid'].format} records, but train.jsonl holds "
+                        f"{splits['train'].format} records: use one format for every split")
+    return splits
+
+
+def _load_hf(data) -> dict[str, Split]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data=hf needs the `datasets` package: pip install datasets") from None
+    splits = {}
+    for name, expr in (("train", data.train_split), ("valid", data.valid_split), ("test", data.test_split)):
+        if expr is None:
+            continue
+        try:
+            ds = datasets.load_dataset(data.path, data.hf_config, split=expr)
+        except Exception as e:  # the hub's errors are many; name the data set and split
+            raise DataError(f"data.path={data.path} split {expr!r}: cannot load it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        records = [dict(r) for r in ds]
+        splits[name] = check_records(name, f"{data.path}[{expr}]", records,
+                                     list(range(1, len(records) + 1)), data)
+    if "valid" not in splits:
+        raise DataError("data=hf needs a validation split: set data.valid_split (e.g. 'train[-10%:]')")
+    return splits
+
+
+def count_records(data) -> dict[str, int]:
+    """Records per split, streaming the files (no parsing, no tokenizer): cheap enough for a resolver."""
+    folder = demo_dir() if data.source == "demo" else Path(data.path).expanduser()
+    counts = {}
+    for name in SPLITS:
+        path = folder / f"{name}.jsonl"
+        if path.exists():
+            with open(path, "rb") as fh:
+                counts[name] = sum(1 for line in fh if line.strip())
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- tokenizing
+
+
+def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int], int]]:
+    """Token ids and the prompt offset (the loss starts there when data.mask_prompt) of every record."""
+    from .prompts import render
+
+    fields = data
+    out = []
+    for rec in split.records:
+        if split.format == "text":
+            if data.mask_prompt:
+                raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "
+                                "records; text records have no prompt to mask")
+            ids = tokenizer.encode(rec[fields.text_feature])
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids.append(tokenizer.eos_token_id)
+            out.append((ids, 0))
+            continue
+        if split.format == "completions":
+            messages = [{"role": "user", "content": rec[fields.prompt_feature]},
+                        {"role": "assistant", "content": rec[fields.completion_feature]}]
+            if prompt.system:
+                messages.insert(0, {"role": "system", "content": prompt.system})
+        else:
+            messages = rec[fields.chat_feature]
+        tools = rec.get("tools")
+        ids = _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=False)
+        offset = 0
+        if data.mask_prompt:
+            gen = messages[-1].get("role") == "assistant"
+            offset = len(_encode_chat(tokenizer, prompt.format, messages[:-1], tools, add_generation_prompt=gen))
+        out.append((ids, offset))
+    return out
+
+
+def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
+    from .prompts import render
+
+    if fmt == "tokenizer":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("the model's tokenizer has no chat template: choose a prompt format "
+                            "(prompt=chatml|llama3|mistral|alpaca|phi|gemma)")
+        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                  return_dict=False))
+    return tokenizer.encode(render(fmt, messages, add_generation_prompt=add_generation_prompt),
+                            add_special_tokens=False)
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def batch_order(lengths, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of record indices: every record exactly once, the last batch possibly short.
+
+    Records are shuffled, then sorted by length within windows of 16 batches, so a batch holds records
+    of similar length (little padding) while the batches themselves are shuffled: different every epoch,
+    the same for the same seed."""
+    rng = np.random.default_rng([seed, epoch])
+    idx = rng.permutation(len(lengths))
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w:w + window], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    order = rng.permutation(len(batches))
+    return [[int(i) for i in batches[o]] for o in order]
+
+
+def collate(rows, max_seq_length: int):
+    """Pad token rows into one array; `lengths` holds (loss start, length) per row as mlx-lm's loss wants."""
+    import mlx.core as mx
+
+    lengths = [min(len(ids), max_seq_length) for ids, _ in rows]
+    width = min(max_seq_length, PAD_TO * -(-max(lengths) // PAD_TO))
+    arr = np.zeros((len(rows), width), np.int32)
+    for j, (ids, _) in enumerate(rows):
+        arr[j, :lengths[j]] = ids[:lengths[j]]
+    return mx.array(arr), mx.array([[off, n] for (_, off), n in zip(rows, lengths)])
+
+
+class Batcher:
+    """mlx-lm's `iterate_batches` for our data: length-aware, seeded, and training the last partial batch.
+
+    `on_batch(epoch, batch_number)` is called before every training batch is handed to the trainer: it is
+    where the run stops early (signals, pruning) or checkpoints."""
+
+    def __init__(self, seed: int = 0, on_batch=None):
+        self.seed = seed
+        self.on_batch = on_batch
+
+    def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None) -> Iterator:
+        lengths = [len(ids) for ids, _ in dataset]
+        rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+        if not loop:  # evaluation: a fixed order, sorted by length
+            order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+            for b in range(0, len(order), batch_size):
+                yield collate([dataset[i] for i in order[b:b + batch_size][rank::size]], max_seq_length)
+            return
+        epoch = 0
+        while True:
+            for n, batch in enumerate(batch_order(lengths, batch_size, self.seed, epoch)):
+                if self.on_batch is not None:
+                    self.on_batch(epoch, n)
+                yield collate([dataset[i] for i in batch[rank::size]], max_seq_length)
+            epoch += 1
