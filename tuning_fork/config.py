@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass
 class LRScheduleConfig:
-    name: str = "cosine_decay"  # any mlx.optimizers.schedulers function
+    name: Optional[str] = None  # null: a constant rate; else an mlx.optimizers.schedulers function, e.g. cosine_decay
     arguments: List[Any] = field(default_factory=list)  # its positional arguments after the peak rate
     warmup: int = 0  # linear warmup, in optimizer updates
     warmup_init: float = 0.0
@@ -63,7 +63,7 @@ class ScheduleConfig:
     learning_rate: float = 1e-5
     optimizer: str = "adam"
     optimizer_args: Dict[str, Any] = field(default_factory=dict)
-    lr_schedule: Optional[LRScheduleConfig] = None
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
     epochs: Optional[float] = None  # wins over iters when set
@@ -116,7 +116,7 @@ class Config:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="tuning_fork_schema", node=Config)
+    ConfigStore.instance().store(name="tuning_fork_schema", node=Config, replace=True)
 
 
 def check(cfg) -> None:

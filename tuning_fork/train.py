@@ -25,6 +25,10 @@ def train(cfg: DictConfig) -> dict:
 
     # 1. data, checked before any model loads
     splits = data.load_splits(cfg.data)
+    n_train = len(splits["train"].records)
+    if n_train < cfg.schedule.batch_size:
+        raise DataError(f"{splits['train'].origin}: {n_train} training records, fewer than one batch "
+                        f"(schedule.batch_size={cfg.schedule.batch_size}): lower the batch size or add records")
     base = models.resolve(cfg.model.path)
 
     # 2. model and tokenizer; tokenized data
@@ -36,9 +40,6 @@ def train(cfg: DictConfig) -> dict:
     sets = {name: data.encode_split(s, tokenizer, cfg.data, cfg.prompt) for name, s in splits.items()}
     s = cfg.schedule
     n_train = len(sets["train"])
-    if n_train < s.batch_size:
-        raise DataError(f"{splits['train'].origin}: {n_train} training records, fewer than one batch "
-                        f"(schedule.batch_size={s.batch_size}): lower the batch size or add records")
     iters = plan_iters(n_train, s)
 
     # 3. adapters
@@ -133,7 +134,7 @@ def build_optimizer(s, updates: int):
     import mlx.optimizers as optim
 
     lr = s.learning_rate
-    if s.lr_schedule is not None:
+    if s.lr_schedule.name or s.lr_schedule.warmup:
         lr = build_lr_schedule(s.learning_rate, s.lr_schedule, updates)
     cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor,
            "muon": optim.Muon}[s.optimizer]
@@ -148,17 +149,18 @@ def build_lr_schedule(peak: float, sc, updates: int):
     """mlx's schedulers, with lengths counted in optimizer updates and sensible default arguments."""
     import mlx.optimizers as optim
 
-    fn = getattr(optim.schedulers, sc.name, None)
+    name = sc.name or "constant"
+    fn = (lambda peak: lambda step: peak) if name == "constant" else getattr(optim.schedulers, name, None)
     names = [n for n in dir(optim.schedulers) if n.endswith(("_decay", "_schedule")) and n != "join_schedules"]
     if fn is None or not callable(fn):
-        raise ConfigError(f"schedule.lr_schedule.name={sc.name}: unknown: choose one of {', '.join(names)}")
+        raise ConfigError(f"schedule.lr_schedule.name={name}: unknown: choose one of {', '.join(names)}")
     decay = max(1, updates - sc.warmup)
     defaults = {"cosine_decay": [decay], "linear_schedule": [0.0, decay]}
-    arguments = list(sc.arguments) or defaults.get(sc.name, [])
+    arguments = list(sc.arguments) or defaults.get(name, [])
     try:
         schedule = fn(peak, *arguments)
     except TypeError as e:
-        raise ConfigError(f"schedule.lr_schedule.arguments={arguments}: wrong for {sc.name} ({e})") from None
+        raise ConfigError(f"schedule.lr_schedule.arguments={arguments}: wrong for {name} ({e})") from None
     if sc.warmup > 0:
         warm = optim.schedulers.linear_schedule(sc.warmup_init, peak, sc.warmup)
         schedule = optim.schedulers.join_schedules([warm, schedule], [sc.warmup])

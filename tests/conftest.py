@@ -1,0 +1,75 @@
+"""Shared helpers: the CLI as a user runs it, small data sets written by the tests, one demo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No hub, W&B offline, and a fresh cache: the built-in model is built by the tests themselves."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {"TUNING_FORK_CACHE": str(cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "NO_COLOR": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_cli(*args, module="tuning_fork", cwd=None, env=None, timeout=600):
+    """`python -m tuning_fork ARGS` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def make_data(folder: Path, n_train=24, n_valid=8, n_test=0, fmt="chat") -> Path:
+    """A small, learnable data set: 'What is N plus one?' -> 'N plus one is M.'"""
+    def rec(i):
+        q, a = f"What is {i} plus one?", f"{i} plus one is {i + 1}."
+        if fmt == "chat":
+            return chat(q, a)
+        if fmt == "completions":
+            return {"prompt": q, "completion": a}
+        return {"text": f"{q} {a}"}
+
+    write_jsonl(folder / "train.jsonl", [rec(i) for i in range(n_train)])
+    write_jsonl(folder / "valid.jsonl", [rec(100 + i) for i in range(n_valid)])
+    if n_test:
+        write_jsonl(folder / "test.jsonl", [rec(200 + i) for i in range(n_test)])
+    return folder
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The bare `python -m tuning_fork`, run once: the demo every user starts with."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_cli(f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc

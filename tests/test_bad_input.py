@@ -1,0 +1,106 @@
+"""Bad input: one clear line naming the culprit, exit code 2, no traceback, nothing on disk lost."""
+
+import json
+
+import pytest
+
+from .conftest import chat, make_data, run_cli, write_jsonl
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tuning_fork: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def train_on(folder, tmp_path, *extra):
+    return run_cli("data=jsonl", f"data.path={folder}", f"hydra.run.dir={tmp_path / 'run'}", *extra)
+
+
+def test_missing_data_folder(tmp_path):
+    one_line_error(train_on(tmp_path / "nowhere", tmp_path), "nowhere", "no such folder")
+
+
+def test_missing_validation_split(tmp_path):
+    folder = make_data(tmp_path / "d")
+    (folder / "valid.jsonl").unlink()
+    one_line_error(train_on(folder, tmp_path), "valid.jsonl", "missing")
+
+
+def test_line_that_is_not_json(tmp_path):
+    folder = make_data(tmp_path / "d")
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    lines[2] = '{"messages": [oops'
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    one_line_error(train_on(folder, tmp_path), "train.jsonl:3", "not valid JSON")
+
+
+def test_record_lacking_its_fields(tmp_path):
+    folder = make_data(tmp_path / "d", fmt="completions")
+    recs = [json.loads(x) for x in (folder / "train.jsonl").read_text().splitlines()]
+    recs[4] = {"question": "no known field"}
+    write_jsonl(folder / "train.jsonl", recs)
+    one_line_error(train_on(folder, tmp_path), "train.jsonl:5", "no known fields")
+
+
+def test_chat_message_without_content(tmp_path):
+    folder = make_data(tmp_path / "d")
+    write_jsonl(folder / "valid.jsonl", [chat("q", "a"), {"messages": [{"role": "user"}]}])
+    one_line_error(train_on(folder, tmp_path), "valid.jsonl:2", "content")
+
+
+def test_mixed_formats(tmp_path):
+    folder = make_data(tmp_path / "d")
+    with open(folder / "train.jsonl", "a") as fh:
+        fh.write(json.dumps({"text": "plain text"}) + "\n")
+    one_line_error(train_on(folder, tmp_path), "train.jsonl:25", "text record in a chat split")
+
+
+def test_empty_split(tmp_path):
+    folder = make_data(tmp_path / "d")
+    (folder / "valid.jsonl").write_text("\n")
+    one_line_error(train_on(folder, tmp_path), "valid", "empty")
+
+
+def test_not_utf8(tmp_path):
+    folder = make_data(tmp_path / "d")
+    (folder / "train.jsonl").write_bytes(b'{"text": "ok"}\n\xff\xfe\x00binary\n')
+    one_line_error(train_on(folder, tmp_path), "train.jsonl:2", "UTF-8")
+
+
+def test_fewer_records_than_a_batch(tmp_path):
+    folder = make_data(tmp_path / "d", n_train=3)
+    one_line_error(train_on(folder, tmp_path, "schedule.batch_size=4"), "3 training records", "batch_size=4")
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    folder = make_data(tmp_path / "d")
+    one_line_error(train_on(folder, tmp_path, f"model.path={tmp_path}/no-model"), "model.path", "no such folder")
+
+
+@pytest.mark.parametrize("override,key", [("schedule.batch_size=0", "schedule.batch_size"),
+                                          ("schedule.epochs=0", "schedule.epochs")])
+def test_values_below_one(tmp_path, override, key):
+    one_line_error(run_cli(override, f"hydra.run.dir={tmp_path / 'run'}"), key)
+
+
+def test_jsonl_without_a_path(tmp_path):
+    one_line_error(run_cli("data=jsonl", f"hydra.run.dir={tmp_path / 'run'}"), "data.path")
+
+
+def test_unknown_key_is_reported_by_hydra(tmp_path):
+    proc = run_cli("adapter.rnak=4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "rnak" in proc.stderr and "Did you mean" in proc.stderr
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "train_loss": 1.0}\n')
+    one_line_error(run_cli(f"hydra.run.dir={run}"), str(run), "already holds a run")
+    assert (run / "metrics.jsonl").read_text() == '{"iteration": 1, "train_loss": 1.0}\n'
