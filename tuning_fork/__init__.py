@@ -27,3 +27,7 @@ def _fast_cpu_blas() -> None:
 
 
 _fast_cpu_blas()
+
+from .schedule import register_resolvers  # noqa: E402  (launcher subprocesses and sweeps need them too)
+
+register_resolvers()

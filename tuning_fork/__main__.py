@@ -11,6 +11,11 @@ register()
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    if cfg.summary:
+        from .summary import summarize
+
+        run_app(summarize, cfg)
+        return None
     from .train import train
 
     metrics = run_app(train, cfg)

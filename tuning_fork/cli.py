@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from .errors import TuningForkError
 
@@ -18,6 +18,12 @@ def run_app(fn, cfg):
         fail(f"{e.full_key} is not set: add {e.full_key}=<value> to the command line")
     except TuningForkError as e:
         fail(str(e))
+    except InterpolationResolutionError as e:  # a resolver (tf.plan) found bad input
+        head = str(e).splitlines()[0]
+        for kind in ("ConfigError", "DataError"):
+            if head.startswith(f"{kind} raised while resolving interpolation: "):
+                fail(head.split(": ", 1)[1])
+        raise
     except KeyboardInterrupt:
         fail("interrupted")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError
 
@@ -57,22 +57,41 @@ class LRScheduleConfig:
     warmup_init: float = 0.0
 
 
+def derived(key: str):
+    """The default of a derived schedule key: computed from epochs and the data's size (schedule.py)."""
+    return field(default="${tf.plan:%s}" % key)
+
+
 @dataclass
 class ScheduleConfig:
-    batch_size: int = 4
+    batch_size: int = 4  # global: split across data-parallel ranks
     learning_rate: float = 1e-5
     optimizer: str = "adam"
     optimizer_args: Dict[str, Any] = field(default_factory=dict)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
-    epochs: Optional[float] = None  # wins over iters when set
-    iters: int = 100
-    steps_per_eval: int = 100
-    steps_per_report: int = 10
-    save_every: int = 100
-    val_batches: int = 25  # -1: the whole validation set
+    # the plan in epochs and proportions (mlx-tuning-fork's names); see tuning_fork/schedule.py
+    epochs: Optional[float] = None  # wins over iters; with neither, one epoch
+    evals_per_epoch: Optional[float] = None
+    eval_proportion_of_total: float = 0.25
+    reporting_interval_proportion: float = 0.01
+    validation_interval_proportion: float = 0.2
+    validations_per_train_item: float = 0.5
+    saves_per_epoch: Optional[float] = 2
+    adapter_save_interval_proportion: float = 0.1
+    # intervals in units ("0.25ep", "100it"): win over the proportions when set
+    eval_every: Optional[str] = None
+    report_every: Optional[str] = None
+    checkpoint_every: Optional[str] = None
+    # mlx-lm's keys: derived from the above unless set explicitly
+    iters: int = derived("iters")
+    steps_per_eval: int = derived("steps_per_eval")
+    steps_per_report: int = derived("steps_per_report")
+    save_every: int = derived("save_every")
+    val_batches: int = derived("val_batches")  # -1: the whole validation set
     test_batches: int = -1
+    keep_checkpoints: Optional[int] = None  # numbered checkpoints to keep (the newest); null: all
 
 
 @dataclass
@@ -112,6 +131,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = 0
     output_dir: Optional[str] = None  # where the run writes; null: Hydra's run folder
+    summary: bool = False  # print the data's statistics and the plan; train nothing
     optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
 
 
@@ -130,16 +150,27 @@ def check(cfg) -> None:
         bad("schedule.batch_size", s.batch_size, "use a batch size of at least 1")
     if s.epochs is not None and s.epochs <= 0:
         bad("schedule.epochs", s.epochs, "use a positive number of epochs, or epochs=null to train by iters")
-    if s.epochs is None and s.iters < 1:
-        bad("schedule.iters", s.iters, "use at least 1 iteration")
+    if s.epochs is None and not OmegaConf.is_interpolation(s, "iters") and s.iters < 1:
+        bad("schedule.iters", s.iters, "use at least 1 iteration, or set schedule.epochs")
+    for key in ("eval_proportion_of_total", "reporting_interval_proportion", "validation_interval_proportion",
+                "adapter_save_interval_proportion"):
+        if not 0 < s[key] <= 1:
+            bad(f"schedule.{key}", s[key], "use a proportion in (0, 1]")
+    for key in ("evals_per_epoch", "saves_per_epoch"):
+        if s[key] is not None and s[key] <= 0:
+            bad(f"schedule.{key}", s[key], "use a positive number, or null")
     if s.grad_accumulation_steps < 1:
         bad("schedule.grad_accumulation_steps", s.grad_accumulation_steps, "use at least 1")
     if s.learning_rate <= 0:
         bad("schedule.learning_rate", s.learning_rate, "use a positive learning rate")
     for key in ("steps_per_eval", "steps_per_report", "save_every"):
+        if OmegaConf.is_interpolation(s, key):
+            continue  # derived by tf.plan: always at least 1
         if s[key] < 1:
             bad(f"schedule.{key}", s[key], "use an interval of at least 1 iteration")
-    if s.val_batches < 1 and s.val_batches != -1:
+    if s.keep_checkpoints is not None and s.keep_checkpoints < 1:
+        bad("schedule.keep_checkpoints", s.keep_checkpoints, "keep at least 1, or null for all")
+    if not OmegaConf.is_interpolation(s, "val_batches") and s.val_batches < 1 and s.val_batches != -1:
         bad("schedule.val_batches", s.val_batches, "use at least 1, or -1 for the whole validation set")
     if s.optimizer not in OPTIMIZERS:
         bad("schedule.optimizer", s.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")

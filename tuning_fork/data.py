@@ -255,12 +255,12 @@ def collate(rows, max_seq_length: int):
 class Batcher:
     """mlx-lm's `iterate_batches` for our data: length-aware, seeded, and training the last partial batch.
 
-    `on_batch(epoch, batch_number)` is called before every training batch is handed to the trainer: it is
-    where the run stops early (signals, pruning) or checkpoints."""
+    `on_step(done)` is called before each training batch is handed over, with the number of steps already
+    trained (and evaluated): the place to checkpoint or to stop a run early."""
 
-    def __init__(self, seed: int = 0, on_batch=None):
+    def __init__(self, seed: int = 0, on_step=None):
         self.seed = seed
-        self.on_batch = on_batch
+        self.on_step = on_step
 
     def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None) -> Iterator:
         lengths = [len(ids) for ids, _ in dataset]
@@ -270,10 +270,11 @@ class Batcher:
             for b in range(0, len(order), batch_size):
                 yield collate([dataset[i] for i in order[b:b + batch_size][rank::size]], max_seq_length)
             return
-        epoch = 0
+        done, epoch = 0, 0
         while True:
-            for n, batch in enumerate(batch_order(lengths, batch_size, self.seed, epoch)):
-                if self.on_batch is not None:
-                    self.on_batch(epoch, n)
+            for batch in batch_order(lengths, batch_size, self.seed, epoch):
+                if self.on_step is not None:
+                    self.on_step(done)
                 yield collate([dataset[i] for i in batch[rank::size]], max_seq_length)
+                done += 1
             epoch += 1

@@ -7,13 +7,13 @@ our batcher and callback, validate and test the result, write the run folder.
 from __future__ import annotations
 
 import math
-import time
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as config_schema
-from . import data, models, tracking
+from . import data, models, schedule, tracking
 from .errors import ConfigError, DataError, TuningForkError
 
 
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict:
     sets = {name: data.encode_split(s, tokenizer, cfg.data, cfg.prompt) for name, s in splits.items()}
     s = cfg.schedule
     n_train = len(sets["train"])
-    iters = plan_iters(n_train, s)
+    iters = schedule.plan(n_train, len(sets["valid"]), s, iters=None if s.epochs is not None else s.iters)["iters"]
 
     # 3. adapters
     mx.random.seed(cfg.seed)
@@ -54,16 +54,17 @@ def train(cfg: DictConfig) -> dict:
     # 4. train with mlx-lm's loop; our batcher, our callback
     wandb_run = tracking.start_wandb(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     metrics = tracking.Metrics(run_dir, wandb_run)
-    batcher = data.Batcher(seed=cfg.seed)
+    checkpoints = Checkpoints(model, adapters_dir, s.save_every, s.grad_accumulation_steps, s.keep_checkpoints)
+    batcher = data.Batcher(seed=cfg.seed, on_step=checkpoints.on_step)
     args = trainer.TrainingArgs(
         batch_size=s.batch_size,
         iters=iters,
         val_batches=s.val_batches,
         steps_per_report=s.steps_per_report,
         steps_per_eval=s.steps_per_eval,
-        steps_per_save=s.save_every,
+        steps_per_save=iters + 1,  # we checkpoint ourselves (Checkpoints), atomically
         max_seq_length=cfg.data.max_seq_length,
-        adapter_file=str(adapters_dir / "adapters.safetensors"),
+        adapter_file=str(adapters_dir / ".final.safetensors"),  # mlx-lm's own last save: renamed below
         grad_checkpoint=s.grad_checkpoint,
         grad_accumulation_steps=s.grad_accumulation_steps,
     )
@@ -72,7 +73,8 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.train(model, optimizer, sets["train"], sets["valid"], args=args,
                       iterate_batches=batcher, training_callback=Callback(metrics))
-        models.save_adapters(model, adapters_dir)
+        os.replace(adapters_dir / ".final.safetensors", adapters_dir / "adapters.safetensors")
+        checkpoints.save(iters)
 
         # 5. the final model: validation after the last step (mlx-lm's last one ran before it), then test
         val_loss = evaluate(model, sets["valid"], s, cfg, batcher, s.val_batches)
@@ -112,13 +114,6 @@ def guard_existing(run_dir: Path) -> None:
             raise ConfigError(f"{run_dir} already holds a run ({name}): choose a new hydra.run.dir, "
                               "or move that folder away first")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def plan_iters(n_train: int, s) -> int:
-    """Iterations to run: `epochs` passes of ceil(N / B) batches when epochs is set, else `iters`."""
-    if s.epochs is None:
-        return int(s.iters)
-    return max(1, math.ceil(math.ceil(n_train / s.batch_size) * s.epochs))
 
 
 def write_config(cfg, run_dir: Path, iters: int) -> None:
@@ -174,6 +169,30 @@ def evaluate(model, dataset, s, cfg, batcher, num_batches) -> float:
                         max_seq_length=cfg.data.max_seq_length, iterate_batches=batcher)
     model.train()
     return loss
+
+
+class Checkpoints:
+    """Every `save_every` steps (on optimizer-update boundaries): adapters.safetensors and a numbered copy
+    (mlx-lm's names), each written atomically; only the newest `keep` numbered copies stay."""
+
+    def __init__(self, model, folder: Path, every: int, accumulation: int, keep: int | None):
+        self.model, self.folder, self.every, self.accumulation, self.keep = model, folder, every, accumulation, keep
+
+    def on_step(self, done: int) -> None:
+        if done and done % self.every == 0 and done % self.accumulation == 0:
+            models.save_adapters(self.model, self.folder)
+            self.save(done)
+
+    def save(self, done: int) -> None:
+        import shutil
+
+        numbered = self.folder / f"{done:07d}_adapters.safetensors"
+        tmp = self.folder / f".{numbered.name}.tmp"
+        shutil.copyfile(self.folder / "adapters.safetensors", tmp)
+        os.replace(tmp, numbered)
+        if self.keep:
+            for old in sorted(self.folder.glob("[0-9]" * 7 + "_adapters.safetensors"))[:-self.keep]:
+                old.unlink()
 
 
 class Callback:

@@ -1,0 +1,136 @@
+"""Epoch arithmetic: mlx-lm's iteration counts and intervals derived from epochs and the data's size.
+
+The derived keys of the `schedule` group default to `${tf.plan:KEY}`, an OmegaConf resolver registered when
+tuning_fork is imported, so the plan shows in `--cfg job --resolve` and `.hydra/config.yaml`, and any value
+set explicitly (`schedule.steps_per_eval=50`) is kept. With N training records, V validation records and
+batch size B (global, across data-parallel ranks):
+
+    E               = ceil(N / B)               batches per epoch; the batcher trains the last partial batch
+    iters           = E * epochs                (epochs wins over iters; with neither, one epoch)
+    steps_per_eval  = E / evals_per_epoch       else iters * validation_interval_proportion
+    val_batches     = V * eval_proportion_of_total / B      with evals_per_epoch,
+                      else validations_per_train_item * validation_interval_proportion * iters
+    steps_per_report= iters * reporting_interval_proportion
+    save_every      = E / saves_per_epoch       else iters * adapter_save_interval_proportion
+
+Fractions round down; every interval is then at least 1 and at most iters; val_batches never exceeds the
+ceil(V / B) batches the validation set holds. The last iteration always validates and saves. Intervals may
+also be written in units: `schedule.eval_every=0.25ep` or `=100it` (also report_every, checkpoint_every).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from .errors import ConfigError
+
+DERIVED = ("iters", "steps_per_eval", "steps_per_report", "save_every", "val_batches")
+_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ep|it)?\s*$")
+
+
+def parse_interval(text, steps_per_epoch: int, key: str) -> int:
+    """'0.25ep' -> a quarter of an epoch in iterations; '100it' or '100' -> 100 iterations."""
+    m = _UNIT.match(str(text))
+    if not m:
+        raise ConfigError(f"schedule.{key}={text!r}: write a number of iterations ('100' or '100it') "
+                          "or of epochs ('0.25ep')")
+    value, unit = float(m.group(1)), m.group(2) or "it"
+    return int(value * steps_per_epoch) if unit == "ep" else int(value)
+
+
+def plan(n_train: int, n_valid: int, s, iters: int | None = None) -> dict:
+    """The derived schedule for `s` (the schedule config; any mapping with its keys).
+
+    `iters`: the iteration count when set explicitly; ignored when `s.epochs` is set (epochs win)."""
+    get = s.get if hasattr(s, "get") else (lambda k, d=None: getattr(s, k, d))
+    B = int(get("batch_size"))
+    if B < 1:
+        raise ConfigError(f"schedule.batch_size={B} is invalid: use a batch size of at least 1")
+    E = max(1, math.ceil(n_train / B))
+    epochs = get("epochs")
+    if epochs is not None:
+        if epochs <= 0:
+            raise ConfigError(f"schedule.epochs={epochs} is invalid: use a positive number of epochs")
+        iters = max(1, int(E * epochs))
+    else:
+        iters = max(1, int(iters)) if iters is not None else E
+
+    def interval(x) -> int:
+        return min(iters, max(1, int(x)))
+
+    evals = get("evals_per_epoch")
+    if get("eval_every") is not None:
+        steps_per_eval = interval(parse_interval(get("eval_every"), E, "eval_every"))
+    elif evals:
+        steps_per_eval = interval(E / evals)
+    else:
+        steps_per_eval = interval(iters * get("validation_interval_proportion"))
+
+    if get("report_every") is not None:
+        steps_per_report = interval(parse_interval(get("report_every"), E, "report_every"))
+    else:
+        steps_per_report = interval(iters * get("reporting_interval_proportion"))
+
+    saves = get("saves_per_epoch")
+    if get("checkpoint_every") is not None:
+        save_every = interval(parse_interval(get("checkpoint_every"), E, "checkpoint_every"))
+    elif saves:
+        save_every = interval(E / saves)
+    else:
+        save_every = interval(iters * get("adapter_save_interval_proportion"))
+
+    if evals:
+        val_batches = int(n_valid * get("eval_proportion_of_total") / B)
+    else:
+        val_batches = int(get("validations_per_train_item") * get("validation_interval_proportion") * iters)
+    val_batches = min(max(1, val_batches), max(1, math.ceil(n_valid / B)))
+
+    return dict(steps_per_epoch=E, iters=iters, steps_per_eval=steps_per_eval,
+                steps_per_report=steps_per_report, save_every=save_every, val_batches=val_batches)
+
+
+# ------------------------------------------------------------------------------------------- resolvers
+
+_counts_cache: dict = {}
+
+
+def _counts(data) -> dict:
+    from .data import count_records, demo_dir, load_splits
+
+    if data.source == "hf":  # a hub data set tells its size only when loaded
+        key = ("hf", data.path, data.hf_config, data.train_split, data.valid_split)
+        if key not in _counts_cache:
+            _counts_cache[key] = {n: len(sp.records) for n, sp in load_splits(data).items()}
+        return _counts_cache[key]
+
+    folder = demo_dir() if data.source == "demo" else data.path
+    key = (data.source, str(folder))
+    if data.source in ("demo", "jsonl"):
+        try:
+            key += tuple(os.stat(os.path.join(folder, f"{n}.jsonl")).st_mtime_ns
+                         for n in ("train", "valid") if os.path.exists(os.path.join(folder, f"{n}.jsonl")))
+        except (TypeError, OSError):
+            pass
+    if key not in _counts_cache:
+        _counts_cache[key] = count_records(data)
+    return _counts_cache[key]
+
+
+def _resolve_plan(key: str, *, _root_):
+    data = _root_.data
+    counts = _counts(data)
+    if "train" not in counts:
+        raise ConfigError(f"schedule.{key} is derived from the data's size, but data.path={data.path} has "
+                          f"no train.jsonl: fix data.path, or set schedule.{key} explicitly")
+    s = _root_.schedule
+    explicit = None if key == "iters" or s.epochs is not None else s.iters  # (iters may itself be derived)
+    return plan(counts["train"], counts.get("valid", 0), s, iters=explicit)[key]
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("tf.plan"):
+        OmegaConf.register_resolver("tf.plan", _resolve_plan, annotation_validation="off")

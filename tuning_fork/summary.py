@@ -1,0 +1,109 @@
+"""`summary=true`: the data's statistics and the training plan, read at a glance; nothing is trained.
+
+Loads only the tokenizer and the data; writes nothing to the run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+from . import config as config_schema
+from . import data, models, schedule
+
+
+def padding(lengths, batches, max_seq_length: int, pad) -> float:
+    """The fraction of the padded token grid that is padding, over the given batches."""
+    real = padded = 0
+    for b in batches:
+        ls = [min(lengths[i], max_seq_length) for i in b]
+        real += sum(ls)
+        padded += len(b) * pad(max(ls))
+    return 1 - real / padded if padded else 0.0
+
+
+def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> tuple[float, float]:
+    """Padding waste of one epoch: tuning_fork's length-aware batches vs mlx-lm's (unsorted, in effect)."""
+    import numpy as np
+
+    ours = padding(lengths, data.batch_order(lengths, batch_size, seed, 0), max_seq_length,
+                   lambda m: min(max_seq_length, data.PAD_TO * -(-m // data.PAD_TO)))
+    perm = np.random.default_rng(seed).permutation(len(lengths))
+    theirs_batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+    theirs = padding(lengths, theirs_batches, max_seq_length, lambda m: min(max_seq_length, 1 + 32 * -(-m // 32)))
+    return ours, theirs
+
+
+def summarize(cfg) -> dict:
+    from mlx_lm.utils import load_tokenizer
+    from rich.console import Console
+    from rich.table import Table
+
+    config_schema.check(cfg)
+    splits = data.load_splits(cfg.data)
+    base = models.resolve(cfg.model.path)
+    tokenizer = load_tokenizer(_local_or_download(base), {"trust_remote_code": cfg.model.trust_remote_code})
+    s, max_len = cfg.schedule, cfg.data.max_seq_length
+
+    console = Console()
+    stats = Table(title=f"data: {cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''}")
+    for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}", "pad (ours)",
+                "pad (mlx-lm)"):
+        stats.add_column(col, justify="left" if col in ("split", "format") else "right")
+    out = {"splits": {}}
+    for name, split in splits.items():
+        lengths = [len(ids) for ids, _ in data.encode_split(split, tokenizer, cfg.data, cfg.prompt)]
+        ours, theirs = batcher_waste(lengths, min(s.batch_size, len(lengths)), max_len, cfg.seed)
+        row = dict(records=len(lengths), tokens=sum(lengths), mean=sum(lengths) / len(lengths), max=max(lengths),
+                   too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs)
+        out["splits"][name] = row
+        stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
+                      f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
+    console.print(stats)
+
+    n_train, n_valid = out["splits"]["train"]["records"], out["splits"]["valid"]["records"]
+    p = schedule.plan(n_train, n_valid, s, iters=None if s.epochs is not None else s.iters)
+    p.update(steps_per_eval=s.steps_per_eval, steps_per_report=s.steps_per_report, save_every=s.save_every,
+             val_batches=s.val_batches)  # what the config resolved to (explicit values kept)
+    p["optimizer_updates"] = math.ceil(p["iters"] / s.grad_accumulation_steps)
+    p["tokens_per_epoch"] = out["splits"]["train"]["tokens"]
+    p["epochs"] = p["iters"] / p["steps_per_epoch"]
+    plan = Table(title="plan", show_header=False)
+    plan.add_column("", justify="left")
+    plan.add_column("", justify="right")
+    for label, key, fmt in [("batches per epoch (E)", "steps_per_epoch", "{:,}"), ("epochs", "epochs", "{:.2f}"),
+                            ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
+                            ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
+                            ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
+                            ("tokens per epoch", "tokens_per_epoch", "{:,}")]:
+        plan.add_row(label, fmt.format(p[key]))
+    console.print(plan)
+    out["plan"] = p
+    out["mlx_lm_command"] = mlx_lm_command(cfg, base, p)
+    console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
+    console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
+    return out
+
+
+def _local_or_download(base: str):
+    from mlx_lm.utils import _download
+
+    return _download(base)
+
+
+def mlx_lm_command(cfg, base: str, p: dict) -> str:
+    s, a, d = cfg.schedule, cfg.adapter, cfg.data
+    folder = str(data.demo_dir()) if d.source == "demo" else str(d.path)
+    args = ["mlx_lm.lora", "--train", "--model", base, "--data", folder,
+            "--fine-tune-type", "full" if a.type == "full" else ("dora" if a.type == "dora" else "lora"),
+            "--num-layers", str(a.num_layers), "--batch-size", str(s.batch_size), "--iters", str(p["iters"]),
+            "--val-batches", str(p["val_batches"]), "--learning-rate", str(s.learning_rate),
+            "--steps-per-report", str(p["steps_per_report"]), "--steps-per-eval", str(p["steps_per_eval"]),
+            "--save-every", str(p["save_every"]), "--max-seq-length", str(d.max_seq_length),
+            "--grad-accumulation-steps", str(s.grad_accumulation_steps), "--optimizer", s.optimizer,
+            "--seed", str(cfg.seed)]
+    if d.mask_prompt:
+        args.append("--mask-prompt")
+    if s.grad_checkpoint:
+        args.append("--grad-checkpoint")
+    return shlex.join(args)
