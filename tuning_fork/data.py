@@ -176,8 +176,6 @@ def count_records(data) -> dict[str, int]:
 
 def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int], int]]:
     """Token ids and the prompt offset (the loss starts there when data.mask_prompt) of every record."""
-    from .prompts import render
-
     fields = data
     out = []
     for rec in split.records:

@@ -203,15 +203,6 @@ def attach(model, adapter, model_cfg) -> dict:
     return config
 
 
-def apply_quantization(model, adapter_config: dict) -> None:
-    """Quantize a freshly loaded base as the run that trained these adapters did (QLoRA)."""
-    import mlx.nn as nn
-
-    q = adapter_config.get("quantization")
-    if q and not is_quantized(model):
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"])
-
-
 def trainable_weights(model) -> dict:
     from mlx.utils import tree_flatten
 
