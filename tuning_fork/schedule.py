@@ -60,26 +60,18 @@ def plan(n_train: int, n_valid: int, s, iters: int | None = None) -> dict:
     def interval(x) -> int:
         return min(iters, max(1, int(x)))
 
+    def pick(unit_key, per_epoch, proportion_key) -> int:
+        """An interval: in units when given, else per epoch, else a proportion of the run."""
+        if get(unit_key) is not None:
+            return interval(parse_interval(get(unit_key), E, unit_key))
+        if per_epoch:
+            return interval(E / per_epoch)
+        return interval(iters * get(proportion_key))
+
     evals = get("evals_per_epoch")
-    if get("eval_every") is not None:
-        steps_per_eval = interval(parse_interval(get("eval_every"), E, "eval_every"))
-    elif evals:
-        steps_per_eval = interval(E / evals)
-    else:
-        steps_per_eval = interval(iters * get("validation_interval_proportion"))
-
-    if get("report_every") is not None:
-        steps_per_report = interval(parse_interval(get("report_every"), E, "report_every"))
-    else:
-        steps_per_report = interval(iters * get("reporting_interval_proportion"))
-
-    saves = get("saves_per_epoch")
-    if get("checkpoint_every") is not None:
-        save_every = interval(parse_interval(get("checkpoint_every"), E, "checkpoint_every"))
-    elif saves:
-        save_every = interval(E / saves)
-    else:
-        save_every = interval(iters * get("adapter_save_interval_proportion"))
+    steps_per_eval = pick("eval_every", evals, "validation_interval_proportion")
+    steps_per_report = pick("report_every", None, "reporting_interval_proportion")
+    save_every = pick("checkpoint_every", get("saves_per_epoch"), "adapter_save_interval_proportion")
 
     if evals:
         val_batches = int(n_valid * get("eval_proportion_of_total") / B)
