@@ -92,6 +92,7 @@ class ScheduleConfig:
     val_batches: int = derived("val_batches")  # -1: the whole validation set
     test_batches: int = -1
     keep_checkpoints: Optional[int] = None  # numbered checkpoints to keep (the newest); null: all
+    made_for: Optional[str] = None  # the model.path this schedule is a recipe for (schedule=demo: tiny)
 
 
 @dataclass

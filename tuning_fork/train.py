@@ -30,6 +30,11 @@ def train(cfg: DictConfig) -> dict:
         raise DataError(f"{splits['train'].origin}: {n_train} training records, fewer than one batch "
                         f"(schedule.batch_size={cfg.schedule.batch_size}): lower the batch size or add records")
     base = models.resolve(cfg.model.path)
+    s = cfg.schedule
+    if s.made_for and s.made_for != cfg.model.path:
+        raise ConfigError(f"model.path={cfg.model.path} with the built-in model's recipe (schedule=demo: learning "
+                          f"rate {s.learning_rate:g}) that model=tiny brought: choose a schedule "
+                          "for this model, e.g. schedule=default or schedule=epochs3, or a preset such as model=mistral")
 
     # 2. model and tokenizer; tokenized data
     import mlx.core as mx
@@ -37,8 +42,7 @@ def train(cfg: DictConfig) -> dict:
     from mlx_lm.tuner import trainer
 
     model, tokenizer = models.load(cfg.model)
-    sets = {name: data.encode_split(s, tokenizer, cfg.data, cfg.prompt) for name, s in splits.items()}
-    s = cfg.schedule
+    sets = {name: data.encode_split(sp, tokenizer, cfg.data, cfg.prompt) for name, sp in splits.items()}
     n_train = len(sets["train"])
     iters = schedule.plan(n_train, len(sets["valid"]), s, iters=None if s.epochs is not None else s.iters)["iters"]
 
