@@ -111,6 +111,11 @@ class PromptConfig:
     format: str = "tokenizer"  # tokenizer | chatml | llama3 | mistral | alpaca | phi | gemma
     system: Optional[str] = None
     text: Optional[str] = None
+    # Word Loom (generation): sections of a TOML loom file build the system, context and user texts
+    loom_file: Optional[str] = None
+    build_prompt: Any = None  # 1-3 section names ("system_prompt context question" or a list); [file.txt] reads a file
+    loom_markers: Any = None  # "name=[value] other=[value two]" or a mapping: fills {name} in the sections
+    allow_outside_files: bool = False  # may a [file] section read outside the loom file's folder?
 
 
 @dataclass
@@ -136,8 +141,32 @@ class Config:
     optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
 
 
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = MISSING
+    prompt: PromptConfig = MISSING
+    schedule: Any = None  # composed only so that model presets which pick a training schedule compose; unused
+    adapter: Any = None  # likewise
+    run: Optional[str] = None  # a training run folder: its base model and adapters in one word
+    adapter_path: Optional[str] = None
+    temperature: float = 0.0  # 0: greedy
+    num_tokens: int = 256
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    min_p_tokens: int = 1
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    seed: int = 0
+    eos_token: Optional[str] = None
+    trust_remote_code: bool = False  # as model.trust_remote_code
+    colorize: bool = False  # colour each token by its probability (always, also when piped)
+    cot_source: Optional[str] = None  # a JSON chat message list: few-shot turns before the user turn
+    prompt_only: bool = False  # print the exact prompt and exit, loading no weights
+
+
 def register() -> None:
     ConfigStore.instance().store(name="tuning_fork_schema", node=Config, replace=True)
+    ConfigStore.instance().store(name="tuning_fork_generate_schema", node=GenerateConfig, replace=True)
 
 
 def check(cfg) -> None:

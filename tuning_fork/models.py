@@ -152,6 +152,18 @@ def load(model_cfg, adapter_path: str | None = None):
     return model, tokenizer
 
 
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer alone (a hub model downloads its tokenizer files, not its weights)."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    try:
+        return mlx_load_tokenizer(path, {"trust_remote_code": trust_remote_code})
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path={path}: cannot load its tokenizer: {first} (is the hub reachable? "
+                          "HF_HUB_OFFLINE=1 uses the local cache only)") from None
+
+
 def is_quantized(model) -> bool:
     import mlx.nn as nn
 

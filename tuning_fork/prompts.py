@@ -7,6 +7,14 @@ module and uses the model's own template.
 
 from __future__ import annotations
 
+import re
+
+from .errors import TuningForkError
+
+
+class PromptError(TuningForkError):
+    pass
+
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 
@@ -78,3 +86,116 @@ FORMATS = {"chatml": chatml, "llama3": llama3, "mistral": mistral, "alpaca": alp
 
 def render(fmt: str, messages, add_generation_prompt: bool = True) -> str:
     return FORMATS[fmt](messages, add_generation_prompt)
+
+
+# -------------------------------------------------------------------------------------------- Word Loom
+
+DEFAULT_SECTIONS = ("system_prompt", "context", "question")
+_MARKER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=\[(.*?)\](?=\s+[A-Za-z_][A-Za-z0-9_]*=\[|\s*$)", re.S)
+
+
+def parse_markers(markers) -> dict:
+    """Marker values from mlx-tuning-fork's string form `name=[value] other=[value two]` or a mapping.
+
+    Values may hold spaces, `=` and brackets; a value ends at `]` followed by the next `name=[` or the end."""
+    if markers is None:
+        return {}
+    if not isinstance(markers, str):
+        return {str(k): str(v) for k, v in dict(markers).items()}
+    text = markers.strip()
+    pairs, pos = {}, 0
+    for m in _PAIR.finditer(text):
+        if text[pos:m.start()].strip():
+            break
+        pairs[m.group(1)] = m.group(2)
+        pos = m.end()
+    if text[pos:].strip() or (text and not pairs):
+        raise PromptError(f"prompt.loom_markers={markers!r}: write them as name=[value] other=[value two]")
+    return pairs
+
+
+def fill(text: str, values: dict, where: str) -> str:
+    missing = sorted({m for m in _MARKER.findall(text) if m not in values})
+    if missing:
+        raise PromptError(f"{where}: no value for marker(s) {', '.join('{' + m + '}' for m in missing)}: "
+                          f"pass prompt.loom_markers='{missing[0]}=[...]'")
+    return _MARKER.sub(lambda m: values[m.group(1)], text)
+
+
+def loom_texts(prompt) -> tuple[str | None, str | None, str]:
+    """(system, context, user) texts built from the loom file's sections, markers filled."""
+    from pathlib import Path
+
+    from ogbujipt import word_loom
+
+    path = Path(prompt.loom_file).expanduser()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PromptError(f"prompt.loom_file={prompt.loom_file}: cannot read it ({e.strerror})") from None
+    try:
+        import tomli
+
+        tables = tomli.loads(raw.decode("utf-8"))
+        lang = tables.get("lang", "en")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 'text' key is deprecated in favour of '_'; both work
+            loom = word_loom.load(raw, lang=lang)
+    except Exception as e:
+        raise PromptError(f"{path}: not a Word Loom TOML file ({type(e).__name__}: {e})") from None
+
+    names = prompt.build_prompt
+    if names is None:
+        names = [n for n in DEFAULT_SECTIONS if n in loom or n == "question"]
+    elif isinstance(names, str):
+        names = names.split()
+    else:
+        names = list(names)
+    if not 1 <= len(names) <= 3:
+        raise PromptError(f"prompt.build_prompt={names}: name 1 to 3 sections (user; system user; "
+                          "system context user)")
+    values = parse_markers(prompt.loom_markers)
+
+    def section(name: str) -> str:
+        if name.startswith("[") and name.endswith("]"):
+            target = (path.parent / name[1:-1]).resolve()
+            if not prompt.allow_outside_files and not target.is_relative_to(path.parent.resolve()):
+                raise PromptError(f"prompt.build_prompt: {name} is outside the loom file's folder "
+                                  f"{path.parent}: set prompt.allow_outside_files=true to allow it")
+            try:
+                text = target.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise PromptError(f"prompt.build_prompt: {name}: cannot read {target} ({e})") from None
+        elif name in loom:
+            text = str(loom[name])
+        else:
+            have = sorted(k for k, v in tables.items() if isinstance(v, dict))
+            raise PromptError(f"{path}: no section [{name}] (sections: {', '.join(have[:12])}): fix "
+                              "prompt.build_prompt")
+        return fill(text, values, f"{path} [{name}]")
+
+    texts = [section(n) for n in names]
+    if len(texts) == 1:
+        return None, None, texts[0]
+    if len(texts) == 2:
+        return texts[0], None, texts[1]
+    return texts[0], texts[1], texts[2]
+
+
+def build_messages(prompt, few_shot=None) -> list[dict]:
+    """The conversation to prompt with: system (with any loom context), few-shot turns, the user turn."""
+    system, context, user = prompt.system, None, prompt.text
+    if prompt.loom_file:
+        loom_system, context, loom_user = loom_texts(prompt)
+        system = loom_system if loom_system is not None else system
+        user = loom_user if prompt.text is None else prompt.text
+    if user is None:
+        raise PromptError("no prompt: set prompt.text=... (or prompt.loom_file=... with a question section)")
+    system_text = "\n\n".join(t.strip() for t in (system, context) if t and t.strip()) or None
+    messages = [{"role": "system", "content": system_text}] if system_text else []
+    messages += list(few_shot or [])
+    messages.append({"role": "user", "content": user.strip()})
+    return messages

@@ -35,14 +35,13 @@ def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> t
 
 
 def summarize(cfg) -> dict:
-    from mlx_lm.utils import load_tokenizer
     from rich.console import Console
     from rich.table import Table
 
     config_schema.check(cfg)
     splits = data.load_splits(cfg.data)
     base = models.resolve(cfg.model.path)
-    tokenizer = load_tokenizer(_local_or_download(base), {"trust_remote_code": cfg.model.trust_remote_code})
+    tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     s, max_len = cfg.schedule, cfg.data.max_seq_length
 
     console = Console()
@@ -83,12 +82,6 @@ def summarize(cfg) -> dict:
     console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
     console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
     return out
-
-
-def _local_or_download(base: str):
-    from mlx_lm.utils import _download
-
-    return _download(base)
 
 
 def mlx_lm_command(cfg, base: str, p: dict) -> str:
