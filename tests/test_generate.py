@@ -187,3 +187,20 @@ def test_greedy_answer_after_the_demo(demo_run):
 def test_run_folder_must_hold_adapters(tmp_path):
     proc = gen(f"run={tmp_path}", "prompt.text=x")
     assert proc.returncode == 2 and "adapter_config.json" in proc.stderr
+
+
+@pytest.mark.slow
+def test_colour_keeps_spaces_and_multibyte_characters():
+    from mlx_lm.utils import load_tokenizer
+
+    from tuning_fork.generate import Colourizer
+    from tuning_fork.models import tiny_model_path
+
+    tokenizer = load_tokenizer(tiny_model_path())
+    text = "Größe: 440 Hz — ♩ = 60, naïve café ✓"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 10
+    colour = Colourizer(tokenizer)
+    out = "".join(colour.add(t, p) for t, p in zip(ids, [0.9, 0.1, 0.5] * len(ids))) + colour.flush()
+    assert re.sub(r"\033\[[0-9;]*m", "", out) == text
+    assert "\033[32m" in out and "\033[31m" in out
