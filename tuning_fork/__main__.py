@@ -9,16 +9,25 @@ from .config import register
 register()
 
 
-@hydra.main(config_path="conf", config_name="config")
-def main(cfg: DictConfig):
+def app(cfg: DictConfig) -> dict:
+    if cfg.pipeline.stages:
+        from .pipeline import run_pipeline
+        from .train import output_dir
+
+        return run_pipeline(cfg, output_dir(cfg))
     if cfg.summary:
         from .summary import summarize
 
-        run_app(summarize, cfg)
-        return None
+        summarize(cfg)
+        return {}
     from .train import train
 
-    metrics = run_app(train, cfg)
+    return train(cfg)
+
+
+@hydra.main(config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    metrics = run_app(app, cfg) or {}
     return metrics.get(cfg.optimized_metric)  # what a sweeper optimizes
 
 

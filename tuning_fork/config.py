@@ -128,6 +128,18 @@ class WandbConfig:
 
 
 @dataclass
+class StageConfig:
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)  # Hydra overrides applied on top of the run's config
+
+
+@dataclass
+class PipelineConfig:
+    stages: List[StageConfig] = field(default_factory=list)  # empty: a single run, no pipeline
+    only: Optional[str] = None  # run this stage alone (chained from an earlier stage's folder if present)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -138,6 +150,8 @@ class Config:
     seed: int = 0
     output_dir: Optional[str] = None  # where the run writes; null: Hydra's run folder
     summary: bool = False  # print the data's statistics and the plan; train nothing
+    init_from: Optional[str] = None  # a finished run (or stage) folder: start from its adapters and base
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
 
 

@@ -23,6 +23,13 @@ def demo_dir() -> Path:
     return Path(__file__).parent / "demo"
 
 
+def data_folder(data) -> Path:
+    """The folder of a demo or jsonl data set (data=demo: the package's demo/, or its subfolder data.path)."""
+    if data.source == "demo":
+        return demo_dir() / data.path if data.path else demo_dir()
+    return Path(data.path).expanduser()
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -118,7 +125,7 @@ def load_splits(data) -> dict[str, Split]:
     """Read and check every split of `data` (the `data` config group). No tokenizer needed."""
     if data.source == "hf":
         return _load_hf(data)
-    folder = demo_dir() if data.source == "demo" else Path(data.path).expanduser()
+    folder = data_folder(data)
     if not folder.is_dir():
         raise DataError(f"data.path={data.path}: no such folder: point it at a folder holding "
                         "train.jsonl and valid.jsonl")
@@ -161,7 +168,7 @@ def _load_hf(data) -> dict[str, Split]:
 
 def count_records(data) -> dict[str, int]:
     """Records per split, streaming the files (no parsing, no tokenizer): cheap enough for a resolver."""
-    folder = demo_dir() if data.source == "demo" else Path(data.path).expanduser()
+    folder = data_folder(data)
     counts = {}
     for name in SPLITS:
         path = folder / f"{name}.jsonl"

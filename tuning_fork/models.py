@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 TINY = "tiny"  # `model.path` value that names the built-in model
-TINY_VERSION = 1  # bump when the recipe below changes: the cache folder is keyed on it
+TINY_VERSION = 2  # bump when the recipe below changes: the cache folder is keyed on it
 
 TINY_ARCH = dict(
     model_type="llama",
@@ -236,3 +236,61 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- chaining
+
+
+def read_run(folder: str) -> tuple[Path, dict]:
+    """The adapters folder of a finished run or stage (or an adapters folder itself) and its config."""
+    path = Path(folder).expanduser()
+    adapters = path / "adapters" if (path / "adapters").is_dir() else path
+    if not (adapters / "adapter_config.json").exists() or not (adapters / "adapters.safetensors").exists():
+        raise ConfigError(f"init_from={folder}: no finished adapters there (adapters/adapter_config.json and "
+                          "adapters.safetensors): point it at a finished run or stage folder")
+    return adapters, json.loads((adapters / "adapter_config.json").read_text())
+
+
+def chain_base(adapters: Path, previous: dict) -> str:
+    """The base a run chained from `adapters` starts on: the same base after LoRA/DoRA; after a full
+    fine-tune, the updated weights, written once as a model folder beside the adapters (`model/`)."""
+    if previous.get("fine_tune_type") != "full":
+        return previous["model"]
+    folder = adapters.parent / "model"
+    if not (folder / "config.json").exists():
+        from mlx_lm import load as mlx_load
+        from mlx_lm.utils import save
+
+        model, tokenizer, config = mlx_load(previous["model"], adapter_path=str(adapters), return_config=True)
+        tmp = folder.with_name(".model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp, previous["model"], model, tokenizer, config, donate_model=False)
+        os.replace(tmp, folder)
+    return str(folder.resolve())
+
+
+def check_chain(source: str, previous: dict, new: dict) -> None:
+    """Adapters carry over only into adapters of the same kind and shape; a full fine-tune carries over
+    into anything (as the new base)."""
+    if previous.get("fine_tune_type") == "full":
+        return
+    pairs = [("fine_tune_type", previous.get("fine_tune_type"), new["fine_tune_type"]),
+             ("num_layers", previous.get("num_layers"), new["num_layers"]),
+             ("quantization", previous.get("quantization"), new.get("quantization"))]
+    if new["fine_tune_type"] != "full":
+        p, n = previous.get("lora_parameters", {}), new["lora_parameters"]
+        pairs += [("rank", p.get("rank"), n["rank"]), ("keys", p.get("keys"), n.get("keys"))]
+    if bad := [f"{k} {a} -> {b}" for k, a, b in pairs if a != b]:
+        raise ConfigError(f"init_from={source}: its adapters cannot carry over ({'; '.join(bad)}): use the same "
+                          "adapter settings as that run, or start without init_from")
+
+
+def load_previous(model, adapters: Path) -> None:
+    import mlx.core as mx
+
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    mine = trainable_weights(model)
+    if missing := [k for k in weights if k not in mine]:
+        raise ConfigError(f"init_from={adapters.parent}: {len(missing)} of its tensors fit no adapter here "
+                          f"(e.g. {missing[0]})")
+    model.load_weights(list(weights.items()), strict=False)

@@ -89,7 +89,7 @@ _counts_cache: dict = {}
 
 
 def _counts(data) -> dict:
-    from .data import count_records, demo_dir, load_splits
+    from .data import count_records, data_folder, load_splits
 
     if data.source == "hf":  # a hub data set tells its size only when loaded
         key = ("hf", data.path, data.hf_config, data.train_split, data.valid_split)
@@ -97,7 +97,7 @@ def _counts(data) -> dict:
             _counts_cache[key] = {n: len(sp.records) for n, sp in load_splits(data).items()}
         return _counts_cache[key]
 
-    folder = demo_dir() if data.source == "demo" else data.path
+    folder = data_folder(data)
     key = (data.source, str(folder))
     if data.source in ("demo", "jsonl"):
         try:

@@ -86,7 +86,7 @@ def summarize(cfg) -> dict:
 
 def mlx_lm_command(cfg, base: str, p: dict) -> str:
     s, a, d = cfg.schedule, cfg.adapter, cfg.data
-    folder = str(data.demo_dir()) if d.source == "demo" else str(d.path)
+    folder = str(data.data_folder(d))
     args = ["mlx_lm.lora", "--train", "--model", base, "--data", folder,
             "--fine-tune-type", "full" if a.type == "full" else ("dora" if a.type == "dora" else "lora"),
             "--num-layers", str(a.num_layers), "--batch-size", str(s.batch_size), "--iters", str(p["iters"]),

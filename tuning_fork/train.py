@@ -30,6 +30,10 @@ def train(cfg: DictConfig) -> dict:
         raise DataError(f"{splits['train'].origin}: {n_train} training records, fewer than one batch "
                         f"(schedule.batch_size={cfg.schedule.batch_size}): lower the batch size or add records")
     base = models.resolve(cfg.model.path)
+    previous = None
+    if cfg.init_from:  # chain: start from a finished run's adapters (and its base)
+        source, previous = models.read_run(cfg.init_from)
+        base = models.chain_base(source, previous)
     s = cfg.schedule
     if s.made_for and s.made_for != cfg.model.path:
         raise ConfigError(f"model.path={cfg.model.path} with the built-in model's recipe (schedule=demo: learning "
@@ -41,7 +45,7 @@ def train(cfg: DictConfig) -> dict:
     import numpy as np
     from mlx_lm.tuner import trainer
 
-    model, tokenizer = models.load(cfg.model)
+    model, tokenizer = models.load(OmegaConf.merge(cfg.model, {"path": base}) if previous else cfg.model)
     sets = {name: data.encode_split(sp, tokenizer, cfg.data, cfg.prompt) for name, sp in splits.items()}
     n_train = len(sets["train"])
     iters = schedule.plan(n_train, len(sets["valid"]), s, iters=None if s.epochs is not None else s.iters)["iters"]
@@ -50,6 +54,9 @@ def train(cfg: DictConfig) -> dict:
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     adapter_config = {"model": base, **models.attach(model, cfg.adapter, cfg.model)}
+    if previous and previous.get("fine_tune_type") != "full":
+        models.check_chain(cfg.init_from, previous, adapter_config)
+        models.load_previous(model, source)
     adapters_dir.mkdir(parents=True, exist_ok=True)
     models.write_json(adapters_dir / "adapter_config.json", adapter_config)
     write_config(cfg, run_dir, iters)

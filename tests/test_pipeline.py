@@ -1,0 +1,110 @@
+"""Stages and init_from: chained runs start from the previous result; incompatible chains fail first."""
+
+import json
+
+import pytest
+import yaml
+
+from .conftest import make_data, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["schedule.epochs=null", "schedule.iters=8", "schedule.steps_per_eval=4", "schedule.steps_per_report=4",
+         "schedule.save_every=8", "schedule.batch_size=4"]
+
+
+def pipeline_dir(tmp_path, stages):
+    conf = tmp_path / "conf" / "pipeline"
+    conf.mkdir(parents=True)
+    (conf / "test_chain.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    return tmp_path / "conf"
+
+
+def vals(folder):
+    return [m["val_loss"] for m in read_metrics(folder) if "val_loss" in m]
+
+
+def test_bundled_cpt_sft_pipeline_runs_both_stages(tmp_path):
+    from mlx_lm import load
+
+    run = tmp_path / "run"
+    proc = run_cli("pipeline=cpt_sft", f"hydra.run.dir={run}", "schedule.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("cpt", "sft"):
+        assert (run / stage / ".hydra" / "config.yaml").exists() and (run / stage / "metrics.jsonl").exists()
+        cfg = json.loads((run / stage / "adapters" / "adapter_config.json").read_text())
+        load(cfg["model"], adapter_path=str(run / stage / "adapters"))
+    sft = yaml.safe_load((run / "sft" / ".hydra" / "config.yaml").read_text())
+    assert sft["data"]["mask_prompt"] is True and sft["init_from"] == str(run / "cpt")
+    assert yaml.safe_load((run / "cpt" / ".hydra" / "config.yaml").read_text())["data"]["path"] == "text"
+
+
+def test_stage_two_starts_from_stage_ones_weights(tmp_path):
+    data = make_data(tmp_path / "d")
+    stages = [{"name": "a", "overrides": [f"data.path={data}"]}, {"name": "b", "overrides": [f"data.path={data}"]}]
+    run = tmp_path / "run"
+    proc = run_cli("--config-dir", pipeline_dir(tmp_path, stages), "pipeline=test_chain", "data=jsonl",
+                   f"data.path={data}", f"hydra.run.dir={run}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = vals(run / "a"), vals(run / "b")
+    assert b[0] == pytest.approx(a[-1], rel=1e-5)  # not a fresh model's loss ...
+    assert a[0] > a[-1] + 0.1  # ... which is what a[0] was
+
+
+def test_full_then_lora_uses_the_updated_weights_as_base(tmp_path):
+    from mlx_lm import load
+
+    data = make_data(tmp_path / "d")
+    stages = [{"name": "full", "overrides": ["adapter=full"]}, {"name": "lora", "overrides": []}]
+    run = tmp_path / "run"
+    proc = run_cli("--config-dir", pipeline_dir(tmp_path, stages), "pipeline=test_chain", "data=jsonl",
+                   f"data.path={data}", f"hydra.run.dir={run}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((run / "lora" / "adapters" / "adapter_config.json").read_text())
+    assert cfg["model"] == str((run / "full" / "model").resolve())
+    load(cfg["model"], adapter_path=str(run / "lora" / "adapters"))
+    assert vals(run / "lora")[0] == pytest.approx(vals(run / "full")[-1], rel=1e-5)
+
+
+def test_incompatible_chain_fails_before_training(tmp_path):
+    data = make_data(tmp_path / "d")
+    stages = [{"name": "a", "overrides": []}, {"name": "b", "overrides": ["adapter.rank=8"]}]
+    run = tmp_path / "run"
+    proc = run_cli("--config-dir", pipeline_dir(tmp_path, stages), "pipeline=test_chain", "data=jsonl",
+                   f"data.path={data}", f"hydra.run.dir={run}", *SHORT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "rank 32 -> 8" in proc.stderr
+    assert not (run / "a").exists()  # nothing trained
+
+
+def test_init_from_an_earlier_run_and_its_check(tmp_path):
+    data = make_data(tmp_path / "d")
+    first = tmp_path / "first"
+    assert run_cli("data=jsonl", f"data.path={data}", f"hydra.run.dir={first}", *SHORT).returncode == 0
+    second = tmp_path / "second"
+    proc = run_cli("data=jsonl", f"data.path={data}", f"hydra.run.dir={second}", f"init_from={first}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert vals(second)[0] == pytest.approx(vals(first)[-1], rel=1e-5)
+    proc = run_cli("data=jsonl", f"data.path={data}", f"hydra.run.dir={tmp_path / 'third'}", f"init_from={first}",
+                   "adapter=dora", *SHORT)
+    assert proc.returncode == 2 and "fine_tune_type lora -> dora" in proc.stderr
+    proc = run_cli("data=jsonl", f"data.path={data}", f"hydra.run.dir={tmp_path / 'fourth'}",
+                   f"init_from={tmp_path / 'nothing'}", *SHORT)
+    assert proc.returncode == 2 and "init_from" in proc.stderr
+
+
+def test_one_wandb_run_per_stage_and_summary_per_stage(tmp_path):
+    data = make_data(tmp_path / "d")
+    stages = [{"name": "a", "overrides": []}, {"name": "b", "overrides": ["data.mask_prompt=true"]}]
+    conf = pipeline_dir(tmp_path, stages)
+    run = tmp_path / "run"
+    proc = run_cli("--config-dir", conf, "pipeline=test_chain", "data=jsonl", f"data.path={data}",
+                   f"hydra.run.dir={run}", "wandb.project=tf-tests", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("a", "b"):
+        assert len(list((run / stage / "wandb").glob("offline-run-*"))) == 1
+    proc = run_cli("--config-dir", conf, "pipeline=test_chain", "data=jsonl", f"data.path={data}",
+                   f"hydra.run.dir={tmp_path / 'sum'}", "summary=true", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("mlx_lm.lora --train") == 2
+    assert not list((tmp_path / "sum").rglob("adapters.safetensors"))
