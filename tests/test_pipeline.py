@@ -108,3 +108,35 @@ def test_one_wandb_run_per_stage_and_summary_per_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("mlx_lm.lora --train") == 2
     assert not list((tmp_path / "sum").rglob("adapters.safetensors"))
+
+
+def test_two_file_mlx_tuning_fork_config_migrates_and_runs(tmp_path):
+    text, qa = tmp_path / "text", tmp_path / "qa"
+    make_data(text, fmt="text")
+    make_data(qa, fmt="completions")
+    (tmp_path / "cpt.yaml").write_text(yaml.safe_dump({
+        "model": "tiny", "train": True, "data": str(text), "fine_tune_type": "lora", "batch_size": 4,
+        "epochs": 1, "evals_per_epoch": 2, "learning_rate": 1e-3, "adapter_path": "adapters",
+        "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}, "clear_cache_threshold": 0}))
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
+        "model": "tiny", "data": str(qa), "batch_size": 4, "iters": 6, "mask_prompt": True,
+        "learning_rate": 1e-3, "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0},
+        "resume_adapter_file": "adapters/adapters.safetensors", "saves_per_epoch": 1, "mystery_knob": 3}))
+    proc = run_cli("cpt.yaml", "sft.yaml", "--name", "old", module="tuning_fork.migrate", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "mystery_knob" in proc.stderr and "clear_cache_threshold" in proc.stderr  # reported ...
+    written = (tmp_path / "conf" / "pipeline" / "old.yaml").read_text()
+    assert "NOT MIGRATED: sft.yaml: mystery_knob" in written  # ... and kept in the file
+    command = proc.stdout.strip().splitlines()[-1].split("python -m tuning_fork ")[1].split()
+    run = tmp_path / "run"
+    proc = run_cli(*command, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpt = yaml.safe_load((run / "cpt" / ".hydra" / "config.yaml").read_text())
+    sft = yaml.safe_load((run / "sft" / ".hydra" / "config.yaml").read_text())
+    assert cpt["schedule"]["iters"] == 6 and cpt["schedule"]["steps_per_eval"] == 3  # epochs 1, 2 evals
+    assert sft["data"]["mask_prompt"] and sft["schedule"]["iters"] == 6 and sft["adapter"]["rank"] == 8
+    assert vals(run / "sft")[-1] < vals(run / "sft")[0]  # it trained
+    # a second migration never overwrites the first
+    again = run_cli("cpt.yaml", "sft.yaml", "--name", "old", module="tuning_fork.migrate", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert (tmp_path / "conf" / "pipeline" / "old.yaml").read_text() == written
