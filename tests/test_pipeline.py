@@ -49,6 +49,12 @@ def test_stage_two_starts_from_stage_ones_weights(tmp_path):
     a, b = vals(run / "a"), vals(run / "b")
     assert b[0] == pytest.approx(a[-1], rel=1e-5)  # not a fresh model's loss ...
     assert a[0] > a[-1] + 0.1  # ... which is what a[0] was
+    # one stage alone, in a folder without stage a: it starts fresh
+    alone = tmp_path / "alone"
+    proc = run_cli("--config-dir", tmp_path / "conf", "pipeline=test_chain", "pipeline.only=b", "data=jsonl",
+                   f"data.path={data}", f"hydra.run.dir={alone}", *SHORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (alone / "a").exists() and vals(alone / "b")[0] == pytest.approx(a[0], rel=1e-5)
 
 
 def test_full_then_lora_uses_the_updated_weights_as_base(tmp_path):
