@@ -140,6 +140,17 @@ class PipelineConfig:
 
 
 @dataclass
+class OptunaTrialConfig:
+    """Set by the tuning_fork_optuna sweeper for each job: which trial to report to."""
+
+    storage: Optional[str] = None
+    study: Optional[str] = None
+    trial_id: Optional[int] = None
+    pruner: str = "none"
+    pruner_args: Any = None  # a mapping, replaced whole
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -152,6 +163,7 @@ class Config:
     summary: bool = False  # print the data's statistics and the plan; train nothing
     init_from: Optional[str] = None  # a finished run (or stage) folder: start from its adapters and base
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
     optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
 
 

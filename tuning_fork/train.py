@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as config_schema
 from . import data, models, schedule, tracking
 from .errors import ConfigError, DataError, TuningForkError
+from .trial import Pruned
 
 
 def train(cfg: DictConfig) -> dict:
@@ -65,6 +66,11 @@ def train(cfg: DictConfig) -> dict:
     # 4. train with mlx-lm's loop; our batcher, our callback
     wandb_run = tracking.start_wandb(cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
     metrics = tracking.Metrics(run_dir, wandb_run)
+    reporter = None
+    if cfg.optuna.trial_id is not None:  # a job of an Optuna sweep: report to its trial
+        from .trial import TrialReporter
+
+        reporter = TrialReporter(cfg.optuna, run_dir)
     checkpoints = Checkpoints(model, adapters_dir, s.save_every, s.grad_accumulation_steps, s.keep_checkpoints)
     batcher = data.Batcher(seed=cfg.seed, on_step=checkpoints.on_step)
     args = trainer.TrainingArgs(
@@ -82,14 +88,24 @@ def train(cfg: DictConfig) -> dict:
     print_header(cfg, base, model, n_train, iters)
     mx.reset_peak_memory()
     try:
-        trainer.train(model, optimizer, sets["train"], sets["valid"], args=args,
-                      iterate_batches=batcher, training_callback=Callback(metrics))
+        try:
+            trainer.train(model, optimizer, sets["train"], sets["valid"], args=args,
+                          iterate_batches=batcher, training_callback=Callback(metrics, reporter))
+        except Pruned as stop:  # the sweep's pruner gave up on this trial: keep what it learned, say so
+            reporter.mark_pruned()
+            models.save_adapters(model, adapters_dir)
+            report_line(metrics.val_losses[-1][0], "pruned", metrics.val_losses[-1][1])
+            result = {**metrics.summary(), "pruned": True, "reason": str(stop)}
+            models.write_json(run_dir / "results.json", result)
+            return result
         os.replace(adapters_dir / ".final.safetensors", adapters_dir / "adapters.safetensors")
         checkpoints.save(iters)
 
         # 5. the final model: validation after the last step (mlx-lm's last one ran before it), then test
         val_loss = evaluate(model, sets["valid"], s, cfg, batcher, s.val_batches)
         metrics.val_report(iters, val_loss)
+        if reporter is not None and math.isfinite(val_loss):
+            reporter.trial.report(val_loss, iters)
         report_line(iters, "val", val_loss)
         result = metrics.summary()
         if "test" in sets:
@@ -209,8 +225,8 @@ class Checkpoints:
 class Callback:
     """mlx-lm's TrainingCallback: reports go to metrics.jsonl (and W&B); a diverged loss stops the run."""
 
-    def __init__(self, metrics: tracking.Metrics):
-        self.metrics = metrics
+    def __init__(self, metrics: tracking.Metrics, reporter=None):
+        self.metrics, self.reporter = metrics, reporter
 
     def on_train_loss_report(self, info: dict) -> None:
         self.metrics.train_report(info)
@@ -221,6 +237,8 @@ class Callback:
     def on_val_loss_report(self, info: dict) -> None:
         # mlx-lm validates before the step it names: info["iteration"] is already the steps completed
         self.metrics.val_report(info["iteration"], info["val_loss"], info.get("val_time"))
+        if self.reporter is not None:
+            self.reporter.report(info["iteration"], info["val_loss"])
 
 
 def print_header(cfg, base, model, n_train, iters) -> None:

@@ -1,0 +1,142 @@
+"""`hydra/sweeper=tuning_fork_optuna`: an Optuna sweep over tuning_fork's train entrypoint.
+
+What hydra-optuna-sweeper does not: every job reports its validation losses to its own trial and is
+pruned (PRUNED) when the pruner says so — the trial's identity and the storage travel to the job as
+overrides, so every launcher works; a job that fails or returns NaN is recorded as FAIL and the sweep
+goes on; the study lives in SQLite inside the sweep folder by default (any database URL works), so a rerun
+continues it and several sweep processes can share it; the end of a sweep prints a table and writes
+trials.csv, val_loss.png and optimization_results.yaml. Search spaces use hydra-optuna-sweeper's syntax:
+`interval(1e-5, 1e-3)`, `tag(log, interval(...))`, `choice(4, 8)`, `range(1, 4)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuningForkOptunaConf:
+    _target_: str = "hydra_plugins.tuning_fork_optuna.sweeper.TuningForkOptunaSweeper"
+    sampler: str = "tpe"  # tpe | random | grid | qmc
+    seed: Optional[int] = None
+    direction: str = "minimize"
+    study_name: str = "tuning_fork"
+    storage: Optional[str] = None  # null: sqlite:///<sweep dir>/optuna.db
+    n_trials: int = 10  # trials this sweep process runs (a rerun adds as many to the same study)
+    n_jobs: int = 1  # trials handed to the launcher at once (parallel with joblib, submitit, ...)
+    pruner: str = "median"  # median | hyperband | percentile | none
+    pruner_args: Any = None  # the pruner's own arguments, e.g. {n_startup_trials: 2} (replaced whole)
+    params: Dict[str, str] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="tuning_fork_optuna", node=TuningForkOptunaConf,
+                             provider="tuning_fork")
+
+
+def quote(value: Any) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class TuningForkOptunaSweeper(Sweeper):
+    def __init__(self, sampler, seed, direction, study_name, storage, n_trials, n_jobs, pruner, pruner_args,
+                 params):
+        self.sampler_name, self.seed, self.direction = sampler, seed, direction
+        self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
+        self.pruner, self.pruner_args = pruner, OmegaConf.to_container(pruner_args) if pruner_args else {}
+        self.params = OmegaConf.to_container(params) if params else {}
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function)
+
+    def _sampler(self, distributions):
+        import optuna
+
+        if self.sampler_name == "grid":
+            from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+
+            space = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in distributions.items()}
+            return optuna.samplers.GridSampler(space, seed=self.seed)
+        samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                    "qmc": optuna.samplers.QMCSampler}
+        if self.sampler_name not in samplers:
+            raise ValueError(f"hydra.sweeper.sampler={self.sampler_name}: choose tpe, random, grid or qmc")
+        return samplers[self.sampler_name](seed=self.seed)
+
+    def sweep(self, arguments: List[str]) -> None:
+        import optuna
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+        from tuning_fork.sweep_report import report
+        from tuning_fork.trial import make_pruner
+
+        sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        storage = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+        space = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        distributions, fixed, fixed_overrides = create_params_from_overrides(space)
+        for name in fixed:
+            distributions.pop(name, None)
+        study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
+                                    sampler=self._sampler(distributions), direction=self.direction,
+                                    pruner=make_pruner(self.pruner, self.pruner_args))
+        log.info(f"Optuna study {study.study_name} in {storage}: {len(study.trials)} trials so far")
+        identity = [f"optuna.storage={quote(storage)}", f"optuna.study={quote(study.study_name)}",
+                    f"optuna.pruner={self.pruner}",
+                    f"optuna.pruner_args={{{','.join(f'{k}:{v}' for k, v in self.pruner_args.items())}}}"]
+
+        job_idx, to_go = 0, self.n_trials
+        while to_go > 0:
+            trials = [study.ask(distributions) for _ in range(min(self.n_jobs, to_go))]
+            batch = []
+            for trial in trials:
+                for k, v in fixed.items():
+                    trial.set_user_attr(k, v)
+                params = {**trial.params, **fixed}
+                # one folder per trial number: reruns and concurrent sweeps on one study never collide
+                batch.append([f"{k}={v}" for k, v in params.items()] + list(fixed_overrides) + identity
+                             + [f"optuna.trial_id={trial._trial_id}", f"hydra.sweep.subdir={trial.number}"])
+            returns = self.launcher.launch(batch, initial_job_idx=job_idx)
+            job_idx += len(returns)
+            for trial, ret in zip(trials, returns):
+                self._tell(study, trial, ret)
+            to_go -= len(trials)
+
+        report(study, sweep_dir, self.direction)
+
+    @staticmethod
+    def _tell(study, trial, ret) -> None:
+        import optuna
+
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            return  # the job told it already (pruned)
+        try:
+            value = float(ret.return_value)  # raises the job's own exception if it failed
+        except Exception as e:
+            log.warning(f"trial {trial.number} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            return
+        if not math.isfinite(value):
+            log.warning(f"trial {trial.number} returned {value}: recorded as failed")
+            _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+            return
+        _tell(study, trial, values=value)
+
+
+def _tell(study, trial, **kwargs) -> None:
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:  # the grid sampler calls study.stop() when its grid is done; the tell stands
+        if "Study.stop" not in str(e):
+            raise

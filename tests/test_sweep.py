@@ -1,0 +1,113 @@
+"""Optuna sweeps over the train entrypoint: a resumable SQLite study, pruning, failures, launchers,
+concurrent sweep processes on one study, and the results people look at."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, make_data, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+FAST = ["schedule.epochs=null", "schedule.iters=6", "schedule.steps_per_eval=2", "schedule.steps_per_report=3",
+        "schedule.save_every=6", "schedule.batch_size=4"]
+
+
+def study(db, name="tuning_fork"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def sweep(sweep_dir, *args, data):
+    return run_cli("--multirun", "hydra/sweeper=tuning_fork_optuna", f"hydra.sweep.dir={sweep_dir}", "data=jsonl",
+                   f"data.path={data}", *FAST, *args)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("sweep") / "d")
+
+
+def test_optuna_preset_study_resumes_and_reports(tmp_path, data):
+    sweep_dir = tmp_path / "X"
+    args = ["--multirun", "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep_dir}",
+            "data=jsonl", f"data.path={data}", *FAST[:-1]]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = study(sweep_dir / "optuna.db").trials
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+    assert {"schedule.learning_rate", "adapter.rank"} <= set(trials[0].params)
+    for name in ("trials.csv", "val_loss.png", "optimization_results.yaml"):
+        assert (sweep_dir / name).exists(), name
+    assert "best val loss" in proc.stdout and "trial" in proc.stdout
+    csv = (sweep_dir / "trials.csv").read_text().splitlines()
+    assert csv[0].startswith("trial,") and len(csv) == 4
+    assert (sweep_dir / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli(*args)  # the same command continues the study
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = study(sweep_dir / "optuna.db").trials
+    assert len(trials) == 6 and sorted(t.number for t in trials) == list(range(6))
+    assert all((sweep_dir / str(n) / "metrics.jsonl").exists() for n in range(6))  # one folder per trial
+
+
+def test_a_hopeless_trial_is_pruned_before_its_last_iteration(tmp_path, data):
+    sweep_dir = tmp_path / "P"
+    pruner = ["hydra.sweeper.pruner=median", "hydra.sweeper.pruner_args={n_startup_trials:1,n_warmup_steps:1}"]
+    ok = sweep(sweep_dir, "hydra.sweeper.n_trials=1", "schedule.learning_rate=1e-3", *pruner, data=data)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    hopeless = sweep(sweep_dir, "hydra.sweeper.n_trials=1", "schedule.learning_rate=1e-9", *pruner, data=data)
+    assert hopeless.returncode == 0, hopeless.stderr[-3000:]
+    first, second = study(sweep_dir / "optuna.db").trials
+    assert first.state.name == "COMPLETE" and second.state.name == "PRUNED"
+    last = max(m["iteration"] for m in read_metrics(sweep_dir / "1"))
+    assert last < 6  # stopped before its last iteration
+
+
+def test_failed_and_nan_trials_are_recorded_and_the_sweep_goes_on(tmp_path, data):
+    sweep_dir = tmp_path / "N"
+    # max_seq_length=8 with mask_prompt cuts every answer off: no target token, a NaN loss
+    proc = sweep(sweep_dir, "hydra.sweeper.sampler=grid", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=none",
+                 "data.mask_prompt=true", "data.max_seq_length=choice(8,2048)", data=data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = {t.params["data.max_seq_length"]: t.state.name for t in study(sweep_dir / "optuna.db").trials}
+    assert states == {8: "FAIL", 2048: "COMPLETE"}
+    assert "training loss is nan" in proc.stderr + proc.stdout
+
+
+def test_joblib_runs_two_jobs_in_parallel_processes(tmp_path, data):
+    sweep_dir = tmp_path / "J"
+    proc = sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+                 "hydra.sweeper.n_trials=2", "schedule.learning_rate=choice(1e-3,3e-3)", data=data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = study(sweep_dir / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(dirs) == 2 and all(read_metrics(d) for d in dirs)  # each job wrote only its own folder
+    assert "Joblib.Parallel" in proc.stderr + proc.stdout
+
+
+def test_submitit_local_launcher(tmp_path, data):
+    sweep_dir = tmp_path / "S"
+    proc = sweep(sweep_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                 "hydra.sweeper.n_trials=1", "schedule.learning_rate=1e-3", data=data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = study(sweep_dir / "optuna.db").trials
+    assert trial.state.name == "COMPLETE" and (sweep_dir / ".submitit").exists()
+
+
+def test_two_sweep_processes_share_one_study(tmp_path, data):
+    db = tmp_path / "shared.db"
+    args = ["hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.pruner=none",
+            "schedule.learning_rate=tag(log,interval(1e-4,1e-2))"]
+    procs = [subprocess.Popen([sys.executable, "-m", "tuning_fork", "--multirun", "hydra/sweeper=tuning_fork_optuna",
+                               f"hydra.sweep.dir={tmp_path / name}", "data=jsonl", f"data.path={data}", *FAST, *args],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("A", "B")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    trials = study(db).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # no trial run twice
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.params["schedule.learning_rate"] for t in trials}) == 4
