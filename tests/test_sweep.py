@@ -111,3 +111,40 @@ def test_two_sweep_processes_share_one_study(tmp_path, data):
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # no trial run twice
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.params["schedule.learning_rate"] for t in trials}) == 4
+
+
+def test_wandb_sweep_offline_one_run_per_job(tmp_path, data):
+    sweep_dir = tmp_path / "Y"
+    proc = run_cli("--multirun", "hparams_search=wandb", f"hydra.sweep.dir={sweep_dir}", "data=jsonl",
+                   f"data.path={data}", *FAST[:-1], "hydra.sweeper.sweep.run_cap=3", env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = study(sweep_dir / "optuna.db", "wandb_sweep").trials
+    assert len(trials) == 3
+    assert {"schedule.learning_rate", "schedule.batch_size", "adapter.rank", "adapter.dropout"} == set(trials[0].params)
+    for t in trials:
+        runs = list((sweep_dir / str(t.number) / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, t.number  # its own offline W&B run
+    saved = (sweep_dir / "0" / ".hydra" / "config.yaml").read_text()
+    assert f"group: local-{sweep_dir.name}" in saved and "sweep_id: local-Y" in saved
+    assert (sweep_dir / "trials.csv").exists() and (sweep_dir / "val_loss.png").exists()
+    assert "W&B sweep" in proc.stdout
+
+
+def test_wandb_sweep_from_a_file_grid(tmp_path, data):
+    spec = tmp_path / "my_sweep.yaml"
+    spec.write_text("method: grid\nmetric: {name: val_loss, goal: minimize}\nparameters:\n"
+                    "  schedule.learning_rate: {values: [0.001, 0.003]}\n  adapter.rank: {value: 8}\n")
+    sweep_dir = tmp_path / "G"
+    proc = run_cli("--multirun", "hparams_search=wandb", f"hydra.sweeper.sweep_config={spec}",
+                   f"hydra.sweep.dir={sweep_dir}", "data=jsonl", f"data.path={data}", *FAST,
+                   env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = study(sweep_dir / "optuna.db", "wandb_sweep").trials
+    assert sorted(t.params["schedule.learning_rate"] for t in trials) == [0.001, 0.003]  # the whole grid, once
+    assert "rank: 8" in (sweep_dir / "0" / ".hydra" / "config.yaml").read_text()
+
+
+def test_cluster_launcher_preset_composes():
+    proc = run_cli("--multirun", "hparams_search=optuna", "hydra/launcher=slurm", "--cfg", "hydra")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "submitit_slurm" in proc.stdout and "gpus_per_node: 1" in proc.stdout

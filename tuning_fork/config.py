@@ -125,6 +125,7 @@ class WandbConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    sweep_id: Optional[str] = None  # set by the W&B sweeper: the run belongs to this sweep
 
 
 @dataclass

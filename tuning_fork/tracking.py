@@ -76,6 +76,8 @@ def start_wandb(cfg, run_dir: Path, config_dict: dict):
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
         mode = "offline"
+    if cfg.wandb.sweep_id and not cfg.wandb.sweep_id.startswith("local-") and mode != "offline":
+        os.environ["WANDB_SWEEP_ID"] = cfg.wandb.sweep_id  # attach the run to the server's sweep
     return wandb.init(
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,

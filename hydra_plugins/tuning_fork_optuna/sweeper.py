@@ -44,6 +44,24 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tuning_fork_optuna", n
                              provider="tuning_fork")
 
 
+def open_study(name, storage, sampler, direction, pruner):
+    """Create or load the study. Sweep processes starting together on a new database race to create its
+    tables; the loser retries and loads what the winner made."""
+    import random
+    import time
+
+    import optuna
+
+    for attempt in range(6):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
+                                       direction=direction, pruner=pruner)
+        except Exception as e:  # sqlalchemy's IntegrityError / OperationalError ("database is locked")
+            if attempt == 5 or type(e).__module__.split(".")[0] not in ("sqlalchemy", "optuna"):
+                raise
+            time.sleep(0.2 + random.random())
+
+
 def quote(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -53,8 +71,10 @@ class TuningForkOptunaSweeper(Sweeper):
                  params):
         self.sampler_name, self.seed, self.direction = sampler, seed, direction
         self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
-        self.pruner, self.pruner_args = pruner, OmegaConf.to_container(pruner_args) if pruner_args else {}
-        self.params = OmegaConf.to_container(params) if params else {}
+        self.pruner = pruner
+        self.pruner_args = dict(OmegaConf.to_container(pruner_args) if OmegaConf.is_config(pruner_args)
+                                else pruner_args or {})
+        self.params = dict(OmegaConf.to_container(params) if OmegaConf.is_config(params) else params or {})
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -88,15 +108,18 @@ class TuningForkOptunaSweeper(Sweeper):
         distributions, fixed, fixed_overrides = create_params_from_overrides(space)
         for name in fixed:
             distributions.pop(name, None)
-        study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
-                                    sampler=self._sampler(distributions), direction=self.direction,
-                                    pruner=make_pruner(self.pruner, self.pruner_args))
+        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction,
+                           make_pruner(self.pruner, self.pruner_args))
         log.info(f"Optuna study {study.study_name} in {storage}: {len(study.trials)} trials so far")
+        self.run_trials(study, storage, distributions, fixed, list(fixed_overrides), self.n_trials)
+        report(study, sweep_dir, self.direction)
+
+    def run_trials(self, study, storage, distributions, fixed: dict, fixed_overrides: list, n_trials: int) -> None:
+        """Ask, launch (n_jobs at a time through the launcher), tell; the jobs report to their trials."""
         identity = [f"optuna.storage={quote(storage)}", f"optuna.study={quote(study.study_name)}",
                     f"optuna.pruner={self.pruner}",
                     f"optuna.pruner_args={{{','.join(f'{k}:{v}' for k, v in self.pruner_args.items())}}}"]
-
-        job_idx, to_go = 0, self.n_trials
+        job_idx, to_go = 0, n_trials
         while to_go > 0:
             trials = [study.ask(distributions) for _ in range(min(self.n_jobs, to_go))]
             batch = []
@@ -105,15 +128,13 @@ class TuningForkOptunaSweeper(Sweeper):
                     trial.set_user_attr(k, v)
                 params = {**trial.params, **fixed}
                 # one folder per trial number: reruns and concurrent sweeps on one study never collide
-                batch.append([f"{k}={v}" for k, v in params.items()] + list(fixed_overrides) + identity
+                batch.append([f"{k}={v}" for k, v in params.items()] + fixed_overrides + identity
                              + [f"optuna.trial_id={trial._trial_id}", f"hydra.sweep.subdir={trial.number}"])
             returns = self.launcher.launch(batch, initial_job_idx=job_idx)
             job_idx += len(returns)
             for trial, ret in zip(trials, returns):
                 self._tell(study, trial, ret)
             to_go -= len(trials)
-
-        report(study, sweep_dir, self.direction)
 
     @staticmethod
     def _tell(study, trial, ret) -> None:
