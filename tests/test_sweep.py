@@ -145,6 +145,6 @@ def test_wandb_sweep_from_a_file_grid(tmp_path, data):
 
 
 def test_cluster_launcher_preset_composes():
-    proc = run_cli("--multirun", "hparams_search=optuna", "hydra/launcher=slurm", "--cfg", "hydra")
+    proc = run_cli("hparams_search=optuna", "hydra/launcher=slurm", "--cfg", "hydra")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "submitit_slurm" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+    assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
