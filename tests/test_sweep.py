@@ -148,3 +148,14 @@ def test_cluster_launcher_preset_composes():
     proc = run_cli("hparams_search=optuna", "hydra/launcher=slurm", "--cfg", "hydra")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["hparams_search=wandb", "hydra.sweeper.sweep_config=/nonexistent/sweep.yaml"], "sweep_config"),
+    (["hparams_search=optuna", "hydra.sweeper.sampler=nope"], "hydra.sweeper.sampler=nope"),
+    (["hparams_search=optuna", "hydra.sweeper.pruner=nope"], "pruner=nope"),
+])
+def test_bad_sweep_settings_are_one_line(tmp_path, args, needle):
+    proc = run_cli("--multirun", *args, f"hydra.sweep.dir={tmp_path / 'bad'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1]

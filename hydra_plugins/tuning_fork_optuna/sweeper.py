@@ -44,6 +44,14 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tuning_fork_optuna", n
                              provider="tuning_fork")
 
 
+def bad(message: str):
+    """A sweep configuration error: one line and exit 2, not a traceback through Hydra's instantiate."""
+    import sys
+
+    print(f"tuning_fork: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def open_study(name, storage, sampler, direction, pruner):
     """Create or load the study. Sweep processes starting together on a new database race to create its
     tables; the loser retries and loads what the winner made."""
@@ -92,12 +100,13 @@ class TuningForkOptunaSweeper(Sweeper):
         samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                     "qmc": optuna.samplers.QMCSampler}
         if self.sampler_name not in samplers:
-            raise ValueError(f"hydra.sweeper.sampler={self.sampler_name}: choose tpe, random, grid or qmc")
+            bad(f"hydra.sweeper.sampler={self.sampler_name}: choose tpe, random, grid or qmc")
         return samplers[self.sampler_name](seed=self.seed)
 
     def sweep(self, arguments: List[str]) -> None:
         import optuna
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+        from tuning_fork.errors import TuningForkError
         from tuning_fork.sweep_report import report
         from tuning_fork.trial import make_pruner
 
@@ -108,8 +117,11 @@ class TuningForkOptunaSweeper(Sweeper):
         distributions, fixed, fixed_overrides = create_params_from_overrides(space)
         for name in fixed:
             distributions.pop(name, None)
-        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction,
-                           make_pruner(self.pruner, self.pruner_args))
+        try:
+            pruner = make_pruner(self.pruner, self.pruner_args)
+        except TuningForkError as e:
+            bad(str(e))
+        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction, pruner)
         log.info(f"Optuna study {study.study_name} in {storage}: {len(study.trials)} trials so far")
         self.run_trials(study, storage, distributions, fixed, list(fixed_overrides), self.n_trials)
         report(study, sweep_dir, self.direction)

@@ -26,7 +26,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from hydra_plugins.tuning_fork_optuna.sweeper import TuningForkOptunaSweeper, open_study, quote
+from hydra_plugins.tuning_fork_optuna.sweeper import TuningForkOptunaSweeper, bad, open_study, quote
 
 log = logging.getLogger(__name__)
 METRICS = ("best_val_loss", "val_loss", "test_loss", "train_loss")
@@ -64,7 +64,7 @@ def distribution(name: str, spec: dict):
     import optuna.distributions as d
 
     if not isinstance(spec, dict):
-        raise ValueError(f"sweep parameter {name}: want a mapping such as {{values: [...]}}, got {spec!r}")
+        bad(f"sweep parameter {name}: want a mapping such as {{values: [...]}}, got {spec!r}")
     if "value" in spec:
         return ("fixed", spec["value"])
     if "values" in spec:
@@ -87,7 +87,7 @@ def distribution(name: str, spec: dict):
         return d.FloatDistribution(float(lo), float(hi), log=True)
     if kind == "log_uniform":  # W&B: min and max are exponents of e
         return d.FloatDistribution(math.exp(float(lo)), math.exp(float(hi)), log=True)
-    raise ValueError(f"sweep parameter {name}: distribution {kind!r} is not supported by the local engine "
+    bad(f"sweep parameter {name}: distribution {kind!r} is not supported by the local engine "
                      "(use values, uniform, int_uniform, q_uniform, log_uniform or log_uniform_values)")
 
 
@@ -99,20 +99,20 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
             try:
                 spec = yaml.safe_load(path.read_text()) or {}
             except OSError as e:
-                raise ValueError(f"hydra.sweeper.sweep_config={sweep_config}: cannot read it ({e.strerror})")
+                bad(f"hydra.sweeper.sweep_config={sweep_config}: cannot read it ({e.strerror})")
         if not spec.get("parameters"):
-            raise ValueError("the W&B sweep configuration has no parameters: set hydra.sweeper.sweep "
+            bad("the W&B sweep configuration has no parameters: set hydra.sweeper.sweep "
                              "or hydra.sweeper.sweep_config")
         self.spec, self.project, self.entity, self.count = spec, project, entity, count
         method = spec.get("method", "random")
         if method not in ("grid", "random", "bayes"):
-            raise ValueError(f"sweep method {method!r}: choose grid, random or bayes")
+            bad(f"sweep method {method!r}: choose grid, random or bayes")
         metric = spec.get("metric", {}) or {}
         et = spec.get("early_terminate") or {}
         pruner, pruner_args = "none", {}
         if et:
             if et.get("type") != "hyperband":
-                raise ValueError(f"early_terminate type {et.get('type')!r}: only hyperband is supported")
+                bad(f"early_terminate type {et.get('type')!r}: only hyperband is supported")
             pruner = "hyperband"
             pruner_args = {"min_resource": int(et.get("min_iter", 1)), "reduction_factor": int(et.get("eta", 3))}
             if "max_iter" in et:
@@ -124,6 +124,7 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
         self.metric = metric.get("name", "best_val_loss")
 
     def sweep(self, arguments):
+        from tuning_fork.errors import TuningForkError
         from tuning_fork.sweep_report import report
         from tuning_fork.trial import make_pruner
 
@@ -143,12 +144,15 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
             grid = math.prod(len(OptunaSweeperImpl._to_grid_sampler_choices(d)) for d in distributions.values())
             n = min(self.count or self.spec.get("run_cap") or grid, grid)
         storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
-        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction,
-                           make_pruner(self.pruner, self.pruner_args))
+        try:
+            pruner = make_pruner(self.pruner, self.pruner_args)
+        except TuningForkError as e:
+            bad(str(e))
+        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction, pruner)
         project = self.project or self.config.get("wandb", {}).get("project") or "tuning_fork"
         sweep_id = self._register(project) or f"local-{sweep_dir.name}"
         if self.metric not in METRICS:
-            raise ValueError(f"sweep metric {self.metric!r}: tuning_fork reports {', '.join(METRICS)}")
+            bad(f"sweep metric {self.metric!r}: tuning_fork reports {', '.join(METRICS)}")
         extra = [f"wandb.project={quote(project)}", f"wandb.group={quote(sweep_id)}",
                  f"wandb.sweep_id={quote(sweep_id)}", f"optimized_metric={self.metric}"]
         if self.entity:
