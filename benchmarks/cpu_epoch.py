@@ -1,10 +1,12 @@
 """One epoch of the same LoRA training through `python -m mlx_lm lora` and through tuning_fork, on the CPU.
 
-The built-in tiny model; a skewed-length chat set (90% short records, 10% long); batch 8; LoRA rank 16
-on every linear of both blocks. Both processes get MKL (mlx-lm through LD_PRELOAD, tuning_fork by its
-import), so the comparison is of batching and overhead, not BLAS. Prints a table.
+The built-in tiny model; batch 8; LoRA rank 16 on every linear of both blocks; max_seq_length 512. Both
+processes get MKL (mlx-lm through LD_PRELOAD, tuning_fork by its import), so the comparison is of
+batching and overhead, not BLAS. Two tables:
+1. a skewed-length chat set (90% short records, 10% long): mlx-lm, tuning_fork bucketed, tuning_fork packed;
+2. equal work: every record the same length, so both pad alike: tuning_fork's overhead over mlx-lm.
 
-    python benchmarks/cpu_epoch.py [--records 400] [--out /tmp/tf-bench]
+    python benchmarks/cpu_epoch.py [--records 400] [--max-seq-length 512] [--out /tmp/tf-bench]
 """
 
 from __future__ import annotations
@@ -19,39 +21,86 @@ import time
 from pathlib import Path
 
 
-def make_data(folder: Path, n: int, seed: int = 0) -> None:
+def make_data(folder: Path, n: int, seed: int = 0, uniform: bool = False) -> None:
+    """Skewed lengths (90% answers of 3-8 words, 10% of 150-250), or every answer the same length."""
     rng = random.Random(seed)
     words = "tuning fork pitch octave chord melody rhythm tempo timbre harmony cadence interval".split()
     folder.mkdir(parents=True, exist_ok=True)
 
     def record(i):
         long = rng.random() < 0.1
-        answer = " ".join(rng.choice(words) for _ in range(rng.randint(150, 250) if long else rng.randint(3, 8)))
-        return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}]}
+        count = 20 if uniform else rng.randint(150, 250) if long else rng.randint(3, 8)
+        answer = " ".join(words[(i + k) % len(words)] if uniform else rng.choice(words) for k in range(count))
+        return {"messages": [{"role": "user", "content": f"Question {i % 10}?"},
+                             {"role": "assistant", "content": answer}]}
 
     for name, count in (("train", n), ("valid", 16)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(record(i)) + "\n" for i in range(count)))
 
 
-def timed(cmd, env=None) -> float:
+def timed(cmd, env=None) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (GB) of one process."""
     tic = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - tic
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - tic
+    if status != 0:
+        sys.exit(f"failed: {' '.join(map(str, cmd))}\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 1e6
+
+
+def lengths_of(folder: Path, model: str) -> list[int]:
+    from mlx_lm.utils import load_tokenizer
+    from omegaconf import OmegaConf
+
+    from tuning_fork import data as tf_data
+
+    tok = load_tokenizer(model)
+    cfg = OmegaConf.create({"source": "jsonl", "path": str(folder), "mask_prompt": False, "text_feature": "text",
+                            "prompt_feature": "prompt", "completion_feature": "completion",
+                            "chat_feature": "messages"})
+    split = tf_data.load_splits(cfg)["train"]
+    prompt = OmegaConf.create({"format": "tokenizer", "system": None})
+    return [len(ids) for ids, _ in tf_data.encode_split(split, tok, cfg, prompt)]
+
+
+def mlx_lm_run(out: Path, folder: Path, model: str, B: int, iters: int, max_len: int, name: str):
+    (out / "lora.yaml").write_text("lora_parameters: {rank: 16, scale: 2.0, dropout: 0.0}\n")
+    mkl = next((str(p) for p in (Path(sys.prefix) / "lib").glob("libmkl_rt.so.*")), None)
+    return timed([sys.executable, "-m", "mlx_lm", "lora", "--train", "--model", model, "--data", str(folder),
+                  "--batch-size", str(B), "--iters", str(iters), "--num-layers", "-1", "--learning-rate", "1e-3",
+                  "--steps-per-eval", "100000", "--val-batches", "1", "--steps-per-report", "10",
+                  "--save-every", "100000", "--max-seq-length", str(max_len),
+                  "--adapter-path", str(out / name), "-c", str(out / "lora.yaml")],
+                 env={"LD_PRELOAD": mkl} if mkl else None)
+
+
+def tuning_fork_run(out: Path, folder: Path, B: int, max_len: int, name: str, *extra):
+    return timed([sys.executable, "-m", "tuning_fork", "model=tiny", "data=jsonl", f"data.path={folder}",
+                  "schedule.epochs=1", f"schedule.batch_size={B}", "schedule.learning_rate=1e-3",
+                  "schedule.steps_per_eval=100000", "schedule.val_batches=1", "schedule.steps_per_report=10",
+                  "schedule.save_every=100000", "adapter.rank=16", "adapter.alpha=32",
+                  f"data.max_seq_length={max_len}", f"hydra.run.dir={out / name}", *extra])
+
+
+def table(real: int, rows, base: float) -> None:
+    print("| run | wall s | real tok/s | padded tok/s | padding | peak RSS GB | wall vs mlx-lm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (wall, rss), pad in rows:
+        print(f"| {name} | {wall:.1f} | {real / wall:,.0f} | {real / (1 - pad) / wall:,.0f} | {pad:.1%} | "
+              f"{rss:.2f} | {base / wall:.2f}x |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=400)
+    ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--out", default="/tmp/tf-bench")
     args = ap.parse_args()
 
     import tuning_fork  # noqa: F401  (MKL)
-    from mlx_lm.utils import load_tokenizer
-    from omegaconf import OmegaConf
-
-    from tuning_fork import data as tf_data
     from tuning_fork.models import tiny_model_path
     from tuning_fork.summary import batcher_waste
 
@@ -60,40 +109,35 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(out)
-    folder, model = out / "data", str(tiny_model_path())
+    model, B, L = str(tiny_model_path()), 8, args.max_seq_length
+    iters = -(-args.records // B)
+
+    # 1. skewed lengths: mlx-lm, our length-bucketed batches, our packed rows
+    folder = out / "skewed"
     make_data(folder, args.records)
-    B, iters = 8, -(-args.records // 8)
+    lengths = lengths_of(folder, model)
+    ours_pad, mlx_pad = batcher_waste(lengths, B, L, seed=0)
+    packed_pad = batcher_waste(lengths, B, L, seed=0, packing=True)[0]
+    mlx_lm = mlx_lm_run(out, folder, model, B, iters, L, "mlx_lm_skewed")
+    rows = [("mlx-lm lora", mlx_lm, mlx_pad),
+            ("tuning_fork, length-bucketed", tuning_fork_run(out, folder, B, L, "tf_bucketed"), ours_pad),
+            ("tuning_fork, packed", tuning_fork_run(out, folder, B, L, "tf_packed", "data.packing=true"),
+             packed_pad)]
+    print(f"skewed: {args.records} records, {sum(lengths):,} real tokens, batch {B}, max_seq_length {L}, "
+          f"one epoch ({iters} iterations unpacked)")
+    table(sum(lengths), rows, mlx_lm[0])
 
-    tok = load_tokenizer(model)
-    cfg = OmegaConf.create({"source": "jsonl", "path": str(folder), "mask_prompt": False, "text_feature": "text",
-                            "prompt_feature": "prompt", "completion_feature": "completion",
-                            "chat_feature": "messages"})
-    split = tf_data.load_splits(cfg)["train"]
-    lengths = [len(ids) for ids, _ in tf_data.encode_split(split, tok, cfg, OmegaConf.create({"format": "tokenizer",
-                                                                                              "system": None}))]
-    real = sum(lengths)
-    ours_pad, mlx_pad = batcher_waste(lengths, B, 2048, seed=0)
-
-    (out / "lora.yaml").write_text("lora_parameters: {rank: 16, scale: 2.0, dropout: 0.0}\n")
-    mkl = next((str(p) for p in (Path(sys.prefix) / "lib").glob("libmkl_rt.so.*")), None)
-    mlx_lm_s = timed([sys.executable, "-m", "mlx_lm", "lora", "--train", "--model", model, "--data", str(folder),
-                      "--batch-size", str(B), "--iters", str(iters), "--num-layers", "-1", "--learning-rate", "1e-3",
-                      "--steps-per-eval", "100000", "--val-batches", "1", "--steps-per-report", "10",
-                      "--save-every", "100000", "--adapter-path", str(out / "mlx_lm_adapters"),
-                      "-c", str(out / "lora.yaml")], env={"LD_PRELOAD": mkl} if mkl else None)
-    tf_s = timed([sys.executable, "-m", "tuning_fork", "model=tiny", "data=jsonl", f"data.path={folder}",
-                  "schedule.epochs=1", f"schedule.batch_size={B}", "schedule.learning_rate=1e-3",
-                  "schedule.steps_per_eval=100000", "schedule.val_batches=1", "schedule.steps_per_report=10",
-                  "schedule.save_every=100000", "adapter.rank=16", "adapter.alpha=32",
-                  f"hydra.run.dir={out / 'tf_run'}"])
-
-    rows = [("mlx-lm lora", mlx_lm_s, mlx_pad), ("tuning_fork (length-bucketed)", tf_s, ours_pad)]
-    print(f"{args.records} records, {real:,} real tokens, batch {B}, {iters} iterations (one epoch)")
-    print(f"| run | wall s | real tok/s | padded tok/s | padding | wall vs mlx-lm |")
-    print(f"|---|---|---|---|---|---|")
-    for name, s, pad in rows:
-        print(f"| {name} | {s:.1f} | {real / s:,.0f} | {real / (1 - pad) / s:,.0f} | {pad:.1%} | "
-              f"{mlx_lm_s / s:.2f}x |")
+    # 2. equal work: every record the same length, so both batchers pad alike; what is left is overhead
+    folder = out / "uniform"
+    make_data(folder, args.records, uniform=True)
+    lengths = lengths_of(folder, model)
+    ours_pad, mlx_pad = batcher_waste(lengths, B, L, seed=0)
+    mlx_lm = mlx_lm_run(out, folder, model, B, iters, L, "mlx_lm_uniform")
+    rows = [("mlx-lm lora", mlx_lm, mlx_pad),
+            ("tuning_fork, length-bucketed", tuning_fork_run(out, folder, B, L, "tf_uniform"), ours_pad)]
+    print(f"\nequal work: {args.records} records of {lengths[0]} tokens each, batch {B}, one epoch")
+    table(sum(lengths), rows, mlx_lm[0])
+    print(f"\ntuning_fork's overhead: {rows[1][1][0] / rows[0][1][0] - 1:+.1%} of mlx-lm's wall time")
 
 
 if __name__ == "__main__":

@@ -32,4 +32,9 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    import sys
+
+    from .distributed import hydra_overrides_for_followers
+
+    sys.argv += hydra_overrides_for_followers()  # ranks > 0 of an mlx.launch run write no folder of their own
     main()

@@ -17,7 +17,7 @@ def run_app(fn, cfg):
     except MissingMandatoryValue as e:
         fail(f"{e.full_key} is not set: add {e.full_key}=<value> to the command line")
     except TuningForkError as e:
-        fail(str(e))
+        fail(str(e), getattr(e, "exit_code", 2))
     except InterpolationResolutionError as e:  # a resolver (tf.plan) found bad input
         head = str(e).splitlines()[0]
         for kind in ("ConfigError", "DataError"):
@@ -28,7 +28,7 @@ def run_app(fn, cfg):
         fail("interrupted")
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     """In a multirun, raise so the sweeper records this job as failed; otherwise print one line and exit."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -36,4 +36,4 @@ def fail(message: str) -> None:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise TuningForkError(message)
     print(f"tuning_fork: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)

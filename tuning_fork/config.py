@@ -18,6 +18,7 @@ from .errors import ConfigError
 FINE_TUNE_TYPES = ("lora", "dora", "full", "qlora")
 OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
 DATA_SOURCES = ("demo", "jsonl", "hf")
+TOO_LONG = ("truncate", "drop", "error")
 PROMPT_FORMATS = ("tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
 
 
@@ -47,6 +48,8 @@ class DataConfig:
     chat_feature: str = "messages"
     mask_prompt: bool = False  # completion-only loss
     max_seq_length: int = 2048
+    too_long: str = "truncate"  # records over max_seq_length tokens: truncate | drop | error
+    packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record
 
 
 @dataclass
@@ -163,6 +166,7 @@ class Config:
     output_dir: Optional[str] = None  # where the run writes; null: Hydra's run folder
     summary: bool = False  # print the data's statistics and the plan; train nothing
     init_from: Optional[str] = None  # a finished run (or stage) folder: start from its adapters and base
+    resume: bool = False  # continue the interrupted run in hydra.run.dir from its last checkpoint
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optuna: OptunaTrialConfig = field(default_factory=OptunaTrialConfig)
     optimized_metric: str = "best_val_loss"  # what main() returns to a sweeper
@@ -244,6 +248,8 @@ def check(cfg) -> None:
     if d.source in ("jsonl", "hf") and not d.path:
         bad("data.path", d.path, f"data={d.source} needs data.path=" +
             ("<folder with train.jsonl and valid.jsonl>" if d.source == "jsonl" else "<data set id>"))
+    if d.too_long not in TOO_LONG:
+        bad("data.too_long", d.too_long, f"choose one of {', '.join(TOO_LONG)}")
     if d.max_seq_length < 2:
         bad("data.max_seq_length", d.max_seq_length, "use at least 2 tokens")
     if cfg.prompt.format not in PROMPT_FORMATS:

@@ -225,61 +225,175 @@ def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
                             add_special_tokens=False)
 
 
+def limit_lengths(encoded: list, split: Split, data) -> tuple[list, str | None]:
+    """Apply data.too_long to the records over data.max_seq_length tokens; say what was done, if anything."""
+    limit = data.max_seq_length
+    long = [i for i, (ids, _) in enumerate(encoded) if len(ids) > limit]
+    if not long:
+        return encoded, None
+    longest = max(len(encoded[i][0]) for i in long)
+    where = f"{split.origin}:{split.lines[long[0]]}"
+    if data.too_long == "error":
+        raise DataError(f"{where}: {len(long)} of {len(encoded)} {split.name} records are longer than "
+                        f"data.max_seq_length={limit} tokens (longest {longest}): raise it, or set "
+                        "data.too_long=truncate or drop")
+    if data.too_long == "drop":
+        keep = set(range(len(encoded))) - set(long)
+        if not keep:
+            raise DataError(f"{split.origin}: every {split.name} record is longer than data.max_seq_length={limit} "
+                            "tokens, so data.too_long=drop leaves none: raise data.max_seq_length")
+        encoded = [encoded[i] for i in sorted(keep)]
+    done = "dropped" if data.too_long == "drop" else "truncated"
+    return encoded, (f"{split.name}: {len(long)} of {len(long) + len(encoded) if done == 'dropped' else len(encoded)} "
+                     f"records are longer than data.max_seq_length={limit} tokens (longest {longest}, first at "
+                     f"{where}): {done} (data.too_long=truncate|drop|error)")
+
+
 # --------------------------------------------------------------------------------------------- batching
 
 
-def batch_order(lengths, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def _windows(order, size: int):
+    return [order[w:w + size] for w in range(0, len(order), size)]
+
+
+def batch_order(lengths, batch_size: int, seed: int, epoch: int, min_batch: int = 1) -> list[list[int]]:
     """One epoch's batches of record indices: every record exactly once, the last batch possibly short.
 
     Records are shuffled, then sorted by length within windows of 16 batches, so a batch holds records
     of similar length (little padding) while the batches themselves are shuffled: different every epoch,
-    the same for the same seed."""
+    the same for the same seed. A last batch smaller than `min_batch` (the number of data-parallel ranks)
+    joins the batch before it, so that every rank gets at least one record."""
     rng = np.random.default_rng([seed, epoch])
     idx = rng.permutation(len(lengths))
-    window = batch_size * 16
     batches = []
-    for w in range(0, len(idx), window):
-        chunk = sorted(idx[w:w + window], key=lambda i: lengths[i])
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    for chunk in _windows(idx, batch_size * 16):
+        chunk = sorted(chunk, key=lambda i: lengths[i])
+        batches += _windows(chunk, batch_size)
+    if len(batches) > 1 and len(batches[-1]) < min_batch:
+        last = batches.pop()
+        batches[-1] = [*batches[-1], *last]
     order = rng.permutation(len(batches))
     return [[int(i) for i in batches[o]] for o in order]
 
 
+def pack_order(lengths, batch_size: int, max_seq_length: int, seed: int, epoch: int,
+               min_batch: int = 1) -> list[list[list[int]]]:
+    """One epoch of packed batches: each batch holds `batch_size` rows, each row several records whose
+    tokens fit in `max_seq_length` (a longer record is truncated and fills a row alone).
+
+    Records are shuffled, then packed best-fit-decreasing within windows of 64 rows' worth of tokens,
+    and the rows shuffled: every record exactly once, different every epoch, the same for the same seed."""
+    import bisect
+
+    rng = np.random.default_rng([seed, epoch])
+    idx = rng.permutation(len(lengths))
+    sizes = [min(n, max_seq_length) for n in lengths]
+    windows, window, taken = [], [], 0
+    for i in idx:
+        if window and taken + sizes[i] > 64 * max_seq_length:
+            windows.append(window)
+            window, taken = [], 0
+        window.append(int(i))
+        taken += sizes[i]
+    windows.append(window)
+    rows: list[list[int]] = []
+    for window in windows:
+        free: list[tuple[int, int]] = []  # (room left, row number), sorted: best fit is the first that fits
+        for r in sorted(window, key=lambda r: -sizes[r]):
+            k = bisect.bisect_left(free, (sizes[r], -1))
+            if k < len(free):
+                room, row = free.pop(k)
+                rows[row].append(r)
+            else:
+                room, row = max_seq_length, len(rows)
+                rows.append([r])
+            bisect.insort(free, (room - sizes[r], row))
+    rows = [rows[o] for o in rng.permutation(len(rows))]
+    batches = _windows(rows, batch_size)
+    if len(batches) > 1 and len(batches[-1]) < min_batch:
+        last = batches.pop()
+        batches[-1] = [*batches[-1], *last]
+    return batches
+
+
 def collate(rows, max_seq_length: int):
-    """Pad token rows into one array; `lengths` holds (loss start, length) per row as mlx-lm's loss wants."""
+    """Pad records into one array: (tokens, loss mask). The mask marks the targets the loss counts: the
+    tokens after each record's prompt offset, never padding."""
     import mlx.core as mx
 
     lengths = [min(len(ids), max_seq_length) for ids, _ in rows]
     width = min(max_seq_length, PAD_TO * -(-max(lengths) // PAD_TO))
-    arr = np.zeros((len(rows), width), np.int32)
-    for j, (ids, _) in enumerate(rows):
-        arr[j, :lengths[j]] = ids[:lengths[j]]
-    return mx.array(arr), mx.array([[off, n] for (_, off), n in zip(rows, lengths)])
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width - 1), bool)
+    for j, (ids, offset) in enumerate(rows):
+        tokens[j, :lengths[j]] = ids[:lengths[j]]
+        mask[j, max(offset, 1) - 1:lengths[j] - 1] = True  # target t is token t + 1
+    return mx.array(tokens), mx.array(mask)
+
+
+def collate_packed(rows, max_seq_length: int):
+    """Packed rows into (tokens, loss mask, segments): `segments` numbers the records of each row (1, 2, ...;
+    0 is padding) so that attention stays within a record, and no target crosses a record boundary."""
+    import mlx.core as mx
+
+    totals = [sum(min(len(ids), max_seq_length) for ids, _ in row) for row in rows]
+    width = min(max_seq_length, PAD_TO * -(-max(totals) // PAD_TO))
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width - 1), bool)
+    segments = np.zeros((len(rows), width), np.int32)
+    for j, row in enumerate(rows):
+        at = 0
+        for s, (ids, offset) in enumerate(row, 1):
+            n = min(len(ids), max_seq_length - at)
+            tokens[j, at:at + n] = ids[:n]
+            segments[j, at:at + n] = s
+            mask[j, at + max(offset, 1) - 1:at + n - 1] = True
+            at += n
+    return mx.array(tokens), mx.array(mask), mx.array(segments)
 
 
 class Batcher:
-    """mlx-lm's `iterate_batches` for our data: length-aware, seeded, and training the last partial batch.
+    """Batches of our data, length-aware, seeded, and training the last partial batch.
 
-    `on_step(done)` is called before each training batch is handed over, with the number of steps already
-    trained (and evaluated): the place to checkpoint or to stop a run early."""
+    `train(dataset, start)` yields training batches forever from step `start` on (a resumed run picks up
+    where it stopped); calling the batcher itself is mlx-lm's `iterate_batches` for evaluation: a fixed
+    order, sorted by length. With several data-parallel ranks each rank takes its share of every batch."""
 
-    def __init__(self, seed: int = 0, on_step=None):
-        self.seed = seed
-        self.on_step = on_step
+    def __init__(self, batch_size: int, max_seq_length: int, seed: int = 0, packing: bool = False,
+                 rank: int = 0, size: int = 1):
+        self.batch_size, self.max_seq_length, self.seed, self.packing = batch_size, max_seq_length, seed, packing
+        self.rank, self.size = rank, size
+
+    def epoch(self, dataset, epoch: int) -> list:
+        lengths = [len(ids) for ids, _ in dataset]
+        if self.packing:
+            return pack_order(lengths, self.batch_size, self.max_seq_length, self.seed, epoch, self.size)
+        return batch_order(lengths, self.batch_size, self.seed, epoch, self.size)
+
+    def rows_per_epoch(self, dataset) -> int:
+        """Rows an epoch trains: records, or packed rows (each holding several records)."""
+        return sum(len(batch) for batch in self.epoch(dataset, 0))
+
+    def train(self, dataset, start: int = 0) -> Iterator:
+        done, epoch = 0, 0
+        while True:
+            batches = self.epoch(dataset, epoch)
+            for batch in batches:
+                if done >= start:
+                    mine = batch[self.rank::self.size]
+                    if self.packing:
+                        yield collate_packed([[dataset[i] for i in row] for row in mine], self.max_seq_length)
+                    else:
+                        yield collate([dataset[i] for i in mine], self.max_seq_length)
+                done += 1
+            epoch += 1
 
     def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None) -> Iterator:
         lengths = [len(ids) for ids, _ in dataset]
-        rank, size = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-        if not loop:  # evaluation: a fixed order, sorted by length
-            order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-            for b in range(0, len(order), batch_size):
-                yield collate([dataset[i] for i in order[b:b + batch_size][rank::size]], max_seq_length)
-            return
-        done, epoch = 0, 0
-        while True:
-            for batch in batch_order(lengths, batch_size, self.seed, epoch):
-                if self.on_step is not None:
-                    self.on_step(done)
-                yield collate([dataset[i] for i in batch[rank::size]], max_seq_length)
-                done += 1
-            epoch += 1
+        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+        batches = _windows(order, batch_size)
+        if len(batches) > 1 and len(batches[-1]) < self.size:
+            last = batches.pop()
+            batches[-1] = [*batches[-1], *last]
+        for batch in batches:
+            yield collate([dataset[i] for i in batch[self.rank::self.size]], max_seq_length)

@@ -10,6 +10,7 @@ import shlex
 
 from . import config as config_schema
 from . import data, models, schedule
+from .train import plan_steps
 
 
 def padding(lengths, batches, max_seq_length: int, pad) -> float:
@@ -22,12 +23,28 @@ def padding(lengths, batches, max_seq_length: int, pad) -> float:
     return 1 - real / padded if padded else 0.0
 
 
-def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> tuple[float, float]:
-    """Padding waste of one epoch: tuning_fork's length-aware batches vs mlx-lm's (unsorted, in effect)."""
+def packed_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> tuple[float, int]:
+    """Padding waste of one epoch of packed rows, and how many rows that epoch holds."""
+    real = padded = rows = 0
+    for b in data.pack_order(lengths, batch_size, max_seq_length, seed, 0):
+        totals = [min(max_seq_length, sum(min(lengths[i], max_seq_length) for i in row)) for row in b]
+        real += sum(totals)
+        padded += len(b) * min(max_seq_length, data.PAD_TO * -(-max(totals) // data.PAD_TO))
+        rows += len(b)
+    return (1 - real / padded if padded else 0.0), rows
+
+
+def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int,
+                  packing: bool = False) -> tuple[float, float]:
+    """Padding waste of one epoch: tuning_fork's batches (length-aware, or packed) vs mlx-lm's (unsorted,
+    in effect)."""
     import numpy as np
 
-    ours = padding(lengths, data.batch_order(lengths, batch_size, seed, 0), max_seq_length,
-                   lambda m: min(max_seq_length, data.PAD_TO * -(-m // data.PAD_TO)))
+    if packing:
+        ours = packed_waste(lengths, batch_size, max_seq_length, seed)[0]
+    else:
+        ours = padding(lengths, data.batch_order(lengths, batch_size, seed, 0), max_seq_length,
+                       lambda m: min(max_seq_length, data.PAD_TO * -(-m // data.PAD_TO)))
     perm = np.random.default_rng(seed).permutation(len(lengths))
     theirs_batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     theirs = padding(lengths, theirs_batches, max_seq_length, lambda m: min(max_seq_length, 1 + 32 * -(-m // 32)))
@@ -46,27 +63,33 @@ def summarize(cfg) -> dict:
 
     console = Console()
     stats = Table(title=f"data: {cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''}")
-    for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}", "pad (ours)",
+    ours_label = "pad (packed)" if cfg.data.packing else "pad (ours)"
+    for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}", ours_label,
                 "pad (mlx-lm)"):
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
     out = {"splits": {}}
     for name, split in splits.items():
         lengths = [len(ids) for ids, _ in data.encode_split(split, tokenizer, cfg.data, cfg.prompt)]
-        ours, theirs = batcher_waste(lengths, min(s.batch_size, len(lengths)), max_len, cfg.seed)
+        packing = cfg.data.packing and name == "train"  # validation and test are never packed
+        ours, theirs = batcher_waste(lengths, min(s.batch_size, len(lengths)), max_len, cfg.seed, packing)
         row = dict(records=len(lengths), tokens=sum(lengths), mean=sum(lengths) / len(lengths), max=max(lengths),
                    too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs)
+        if packing:
+            row["rows"] = packed_waste(lengths, s.batch_size, max_len, cfg.seed)[1]
         out["splits"][name] = row
         stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
                       f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
     console.print(stats)
 
-    n_train, n_valid = out["splits"]["train"]["records"], out["splits"]["valid"]["records"]
+    train = out["splits"]["train"]
+    n_train, n_valid = train.get("rows", train["records"]), out["splits"]["valid"]["records"]
     p = schedule.plan(n_train, n_valid, s, iters=None if s.epochs is not None else s.iters)
-    p.update(steps_per_eval=s.steps_per_eval, steps_per_report=s.steps_per_report, save_every=s.save_every,
-             val_batches=s.val_batches)  # what the config resolved to (explicit values kept)
+    p.update(plan_steps(cfg, n_train, n_valid))  # what the run will use (explicit values kept)
     p["optimizer_updates"] = math.ceil(p["iters"] / s.grad_accumulation_steps)
     p["tokens_per_epoch"] = out["splits"]["train"]["tokens"]
     p["epochs"] = p["iters"] / p["steps_per_epoch"]
+    if "rows" in train:
+        p["packed_rows_per_epoch"] = train["rows"]
     plan = Table(title="plan", show_header=False)
     plan.add_column("", justify="left")
     plan.add_column("", justify="right")
@@ -74,8 +97,10 @@ def summarize(cfg) -> dict:
                             ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
                             ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
                             ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
-                            ("tokens per epoch", "tokens_per_epoch", "{:,}")]:
-        plan.add_row(label, fmt.format(p[key]))
+                            ("tokens per epoch", "tokens_per_epoch", "{:,}"),
+                            ("packed rows per epoch", "packed_rows_per_epoch", "{:,}")]:
+        if key in p:
+            plan.add_row(label, fmt.format(p[key]))
     console.print(plan)
     out["plan"] = p
     out["mlx_lm_command"] = mlx_lm_command(cfg, base, p)

@@ -16,17 +16,19 @@ class Metrics:
     Iterations count completed optimizer steps for training and validation alike: a validation at
     iteration k measured the model after k steps (mlx-lm reports its validations one step late)."""
 
-    def __init__(self, run_dir: Path, wandb_run=None):
+    def __init__(self, run_dir: Path, wandb_run=None, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.wandb = wandb_run
+        self.write = write  # False on data-parallel ranks other than 0: they keep the numbers, rank 0 writes
         self.val_losses: list[tuple[int, float]] = []
         self.last_train: dict = {}
 
     def log(self, record: dict) -> None:
         record = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        if self.write:  # one write() of one line, flushed: a crash loses at most the line being written
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
         if self.wandb is not None:
             step = record.get("iteration")
             self.wandb.log({k: v for k, v in record.items() if k != "iteration"}, step=step)
@@ -42,6 +44,28 @@ class Metrics:
         if val_time is not None:
             rec["val_time"] = val_time
         self.log(rec)
+
+    def resume(self, upto: int) -> None:
+        """Continue a run from step `upto`: keep the reports up to it (rewritten atomically) and drop the
+        rest, which the resumed run reports again; so the file stays one continuous record."""
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line a crash cut short
+                if rec.get("iteration", 0) <= upto and "test_loss" not in rec:
+                    kept.append(rec)
+        if self.write:
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        for rec in kept:
+            if "val_loss" in rec:
+                self.val_losses.append((rec["iteration"], rec["val_loss"]))
+            if "train_loss" in rec:
+                self.last_train = rec
 
     def summary(self) -> dict:
         out = {}
@@ -65,7 +89,7 @@ def scrub(obj):
     return obj
 
 
-def start_wandb(cfg, run_dir: Path, config_dict: dict):
+def start_wandb(cfg, run_dir: Path, config_dict: dict, resume_id: str | None = None):
     """A W&B run writing its files inside the run folder, or None when wandb.project is null.
 
     WANDB_MODE=offline (or no API key) logs locally for `wandb sync` later."""
@@ -88,6 +112,7 @@ def start_wandb(cfg, run_dir: Path, config_dict: dict):
         config=scrub(config_dict),
         mode=mode,
         reinit="finish_previous",
+        **({"id": resume_id, "resume": "allow"} if resume_id else {}),
     )
 
 

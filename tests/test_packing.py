@@ -1,0 +1,103 @@
+"""Packing: every record once per epoch, rows that fit, masks that keep records apart, and loss parity."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tuning_fork.data import batch_order, collate, collate_packed, pack_order
+
+from .conftest import make_data
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=400), batch=st.integers(1, 9),
+       limit=st.integers(16, 512), seed=st.integers(0, 3), epoch=st.integers(0, 3), ranks=st.sampled_from([1, 2, 4]))
+def test_pack_order_sees_every_record_once_in_rows_that_fit(lengths, batch, limit, seed, epoch, ranks):
+    batches = pack_order(lengths, batch, limit, seed, epoch, min_batch=ranks)
+    records = [i for b in batches for row in b for i in row]
+    assert sorted(records) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= batch + ranks - 1
+        if len(batches) > 1:
+            assert len(b) >= min(ranks, batch)
+        for row in b:
+            assert len(row) == 1 or sum(lengths[i] for i in row) <= limit
+    assert batches == pack_order(lengths, batch, limit, seed, epoch, min_batch=ranks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=200), batch=st.integers(1, 9),
+       ranks=st.sampled_from([1, 2, 4]))
+def test_batch_order_gives_every_rank_a_record(lengths, batch, ranks):
+    batches = batch_order(lengths, batch, 0, 0, min_batch=ranks)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    if len(batches) > 1:
+        assert all(len(b) >= min(ranks, batch) for b in batches)
+
+
+def test_packed_masks_stay_inside_each_record():
+    rows = [[([1, 2, 3, 4], 2), ([5, 6, 7], 0)], [([8, 9], 1)]]
+    tokens, mask, segments = (np.array(a) for a in collate_packed(rows, 64))
+    assert tokens[0, :7].tolist() == [1, 2, 3, 4, 5, 6, 7] and tokens[1, :2].tolist() == [8, 9]
+    assert segments[0, :8].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
+    # targets are tokens 1..: record one trains 3, 4 (after its prompt of 2); record two trains 6, 7,
+    # never 5 (that would be predicting record two's first token from record one)
+    assert np.flatnonzero(mask[0]).tolist() == [1, 2, 4, 5]
+    assert np.flatnonzero(mask[1]).tolist() == [0]
+    # and the same records unpacked train the same targets
+    _, single = collate([([1, 2, 3, 4], 2)], 64)
+    assert np.flatnonzero(np.array(single[0])).tolist() == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    from tuning_fork import models
+    from tuning_fork.config import AdapterConfig, ModelConfig
+    from omegaconf import OmegaConf
+
+    model, tokenizer = models.load(OmegaConf.structured(ModelConfig(path="tiny")))
+    models.attach(model, OmegaConf.structured(AdapterConfig(rank=4)), OmegaConf.structured(ModelConfig()))
+    return model, tokenizer
+
+
+def test_a_packed_record_scores_exactly_as_it_does_alone(tiny_lora):
+    import mlx.core as mx
+
+    from tuning_fork.step import loss
+
+    model, tokenizer = tiny_lora
+    texts = ["What is 3 plus one? 3 plus one is 4.", "A much longer record about the weather in spring.",
+             "Short."]
+    records = [(tokenizer.encode(t), 2) for t in texts]
+    tokens, mask, segments = collate_packed([records], 128)
+    for k in range(len(records)):  # the loss of record k alone, from the packed row and unpacked
+        only_k = mx.array(np.array(mask) & (np.array(segments)[:, 1:] == k + 1))
+        packed, n_packed = loss(model, tokens, only_k, segments)
+        alone, n_alone = loss(model, *collate([records[k]], 128))
+        assert n_packed.item() == n_alone.item() > 0
+        assert packed.item() == pytest.approx(alone.item(), rel=1e-4), k
+    # without the record mask, attention leaks across records and the later records' losses change
+    leaked, _ = loss(model, tokens, mx.array(np.array(mask) & (np.array(segments)[:, 1:] == 2)))
+    alone, _ = loss(model, *collate([records[1]], 128))
+    assert abs(leaked.item() - alone.item()) > 1e-3
+
+
+@pytest.mark.slow
+def test_packed_and_unpacked_training_reach_the_same_validation_loss(tmp_path):
+    """Same records, same epochs, about the same tokens per step (8 records, or 1 row of about 8 records)."""
+    from tuning_fork.train import train
+
+    from .test_config import compose_cfg
+
+    folder = make_data(tmp_path / "d", n_train=64, n_valid=16)
+    common = ("data=jsonl", f"data.path={folder}", "schedule.epochs=6", "schedule.learning_rate=1e-3",
+              "schedule.val_batches=-1",
+              "adapter.rank=16", "adapter.alpha=32")
+    unpacked = train(compose_cfg(*common, "schedule.batch_size=8", f"output_dir={tmp_path / 'u'}"))
+    packed = train(compose_cfg(*common, "schedule.batch_size=1", "data.packing=true", "data.max_seq_length=320",
+                               f"output_dir={tmp_path / 'p'}"))
+    assert abs(packed["iters"] - unpacked["iters"]) <= unpacked["iters"] // 4  # about as many steps
+    assert packed["first_val_loss"] == pytest.approx(unpacked["first_val_loss"], rel=1e-4)  # same start
+    assert packed["val_loss"] < unpacked["first_val_loss"] / 2
+    assert packed["val_loss"] == pytest.approx(unpacked["val_loss"], rel=0.1), (packed, unpacked)

@@ -1,0 +1,187 @@
+"""Reliability: stopped runs resume exactly, signals checkpoint, a crash during a save loses nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, make_data, read_metrics, run_cli
+from .test_bad_input import one_line_error
+from .test_config import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+# 120 steps of 2 records: long enough to stop midway, short enough for CI. Dropout on: the random
+# generator's state must also come back right.
+RUN = ("data=jsonl", "schedule.batch_size=2", "schedule.iters=120", "schedule.epochs=null",
+       "schedule.steps_per_report=1", "schedule.steps_per_eval=10", "schedule.save_every=5",
+       "adapter.dropout=0.1")
+
+
+def adapters(run_dir, name="adapters.safetensors"):
+    import mlx.core as mx
+
+    return mx.load(str(run_dir / "adapters" / name))
+
+
+def max_difference(a, b) -> float:
+    import mlx.core as mx
+
+    assert a.keys() == b.keys()
+    return max(mx.abs(a[k] - b[k]).max().item() for k in a)
+
+
+def reports(run_dir):
+    return [{k: m[k] for k in ("iteration", "train_loss", "val_loss", "trained_tokens", "test_loss") if k in m}
+            for m in read_metrics(run_dir)]
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "tuning_fork", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_iteration(run_dir, at_least: int, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        try:
+            if any(m.get("iteration", 0) >= at_least and "train_loss" in m for m in read_metrics(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the run never got going")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = make_data(tmp_path_factory.mktemp("data") / "d", n_train=20, n_test=4)
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    proc = run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}", "wandb.project=resume-test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, run_dir
+
+
+def test_sigterm_midway_then_resume_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    folder, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    args = (*RUN, f"data.path={folder}", "wandb.project=resume-test")
+    proc = start(*args, f"hydra.run.dir={run_dir}")
+    wait_for_iteration(run_dir, 12, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("tuning_fork: error:")]
+    assert len(line) == 1 and "SIGTERM stopped the run at iteration" in line[0], err[-2000:]
+    assert f"hydra.run.dir={run_dir} resume=true" in line[0] and "schedule.iters=120" in line[0]
+    stopped_at = int(line[0].split("at iteration ")[1].split()[0])
+    assert 12 <= stopped_at < 120
+    assert (run_dir / "checkpoints" / f"{stopped_at:07d}" / "state.json").exists()
+    assert not (run_dir / "results.json").exists()
+
+    proc = run_cli(*args, f"hydra.run.dir={run_dir}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed at iteration {stopped_at}" in proc.stdout
+    # one continuous record: every report once, the same numbers as the run that was never stopped
+    got, want = reports(run_dir), reports(whole)
+    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["iters"] == 120
+    # W&B resumed the same run: one run id in the run folder
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids
+
+
+def test_a_second_ctrl_c_exits_at_once_and_what_was_saved_resumes(uninterrupted, tmp_path):
+    folder, whole = uninterrupted
+    run_dir = tmp_path / "run"
+    proc = start(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}")
+    wait_for_iteration(run_dir, 12, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err
+    # the second Ctrl-C normally lands before the step ends; if the first stop was quicker, it is moot
+    assert "stopped at once" in err or "SIGINT stopped the run" in err, err[-2000:]
+    proc = run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from tuning_fork.train import train
+
+    folder = make_data(tmp_path / "d", n_train=20)
+    overrides = ("data=jsonl", f"data.path={folder}", f"output_dir={tmp_path / 'run'}",
+                 "schedule.batch_size=2", "schedule.iters=20", "schedule.epochs=null", "schedule.save_every=5",
+                 "schedule.steps_per_eval=10", "schedule.steps_per_report=5")
+    real_replace = os.replace
+
+    def crash_on_second_checkpoint(src, dst):
+        if str(src).endswith(".0000010.tmp"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second_checkpoint)
+    with pytest.raises(OSError, match="No space left"):
+        train(compose_cfg(*overrides))
+    monkeypatch.setattr(os, "replace", real_replace)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == ["0000005"]
+    # adapters.safetensors is still step 5's, whole and loadable
+    assert max_difference(adapters(run_dir), adapters(run_dir, "0000005_adapters.safetensors")) == 0
+    result = train(compose_cfg(*overrides, "resume=true"))
+    assert result["iters"] == 20
+    whole = train(compose_cfg(*overrides[:2], f"output_dir={tmp_path / 'whole'}", *overrides[3:]))
+    assert max_difference(adapters(run_dir), adapters(tmp_path / "whole")) < 1e-5
+    assert result["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+
+
+def test_resume_refuses_a_folder_without_a_checkpoint(tmp_path):
+    one_line_error(run_cli(f"hydra.run.dir={tmp_path / 'run'}", "resume=true"), "holds no checkpoint",
+                   "without resume=true")
+
+
+def test_resume_refuses_changed_settings(uninterrupted, tmp_path):
+    folder, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    proc = start(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}")
+    wait_for_iteration(run_dir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    before = (run_dir / "metrics.jsonl").read_text()
+    one_line_error(run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}", "resume=true",
+                           "schedule.learning_rate=0.5"), "schedule.learning_rate=0.5", "resume with the same")
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_a_finished_run_cannot_be_resumed(uninterrupted):
+    folder, whole = uninterrupted
+    one_line_error(run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={whole}", "resume=true",
+                           "wandb.project=resume-test"), "finished run")
+
+
+def test_a_diverging_run_names_the_iteration_and_the_last_good_checkpoint(tmp_path):
+    folder = make_data(tmp_path / "d", n_train=20)
+    proc = run_cli("data=jsonl", f"data.path={folder}", f"hydra.run.dir={tmp_path / 'run'}",
+                   "schedule.batch_size=2", "schedule.iters=40", "schedule.epochs=null", "schedule.save_every=1",
+                   "schedule.learning_rate=1e20", "schedule.optimizer=sgd")
+    error = one_line_error(proc, "training loss is", "at iteration", "lower schedule.learning_rate")
+    assert "last good checkpoint is" in error and "_adapters.safetensors" in error
+    good = error.split("last good checkpoint is ")[1].split(")")[0]
+    import mlx.core as mx
+
+    assert all(mx.isfinite(v).all().item() for v in mx.load(good).values())

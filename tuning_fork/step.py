@@ -1,0 +1,96 @@
+"""The training step: the masked loss (packed rows included), the compiled update, and evaluation.
+
+A batch is `(tokens, mask)`, or `(tokens, mask, segments)` for packed rows (see data.collate*). The loss
+counts the targets `mask` marks and nothing else: padding never trains (mlx-lm's default loss also counts
+the padding token after each record).
+
+Packed rows keep attention inside each record with a block-diagonal causal mask. mlx-lm's models take
+their attention mask from the cache (`cache.make_mask`), so a stand-in cache that stores nothing hands
+every layer our mask: one mechanism for every model family that follows mlx-lm's cache protocol. Positions
+run on across a row; RoPE scores depend only on the distance between tokens, so a record scores exactly
+as it would alone (tests/test_packing.py).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+
+class RecordMask:
+    """A per-layer 'cache' that keeps nothing and masks attention to the current record (and the past)."""
+
+    offset = 0
+
+    def __init__(self, segments):
+        self.segments = segments
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        import mlx.core as mx
+
+        seg = self.segments[:, :n]
+        pos = mx.arange(n)
+        causal = pos[:, None] >= pos[None, :]
+        if window_size is not None:
+            causal = causal & (pos[:, None] - pos[None, :] < window_size)
+        return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def loss(model, tokens, mask, segments=None):
+    """Mean cross-entropy over the targets `mask` marks, and how many there were."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if segments is None:
+        logits = model(inputs)
+    else:
+        logits = model(inputs, cache=[RecordMask(segments[:, :-1]) for _ in model.layers])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False):
+    """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
+    are averaged across data-parallel ranks, then applied. Returns (step, state) — evaluate `state` after
+    each step."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.nn.utils import average_gradients
+    from mlx.utils import tree_map
+    from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
+
+    if grad_checkpoint:
+        checkpoint_layer(model.layers[0])
+    value_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, previous, update):
+        (value, toks), grad = value_and_grad(model, *batch)
+        if previous is not None:
+            grad = tree_map(lambda a, b: a + b, grad, previous)
+        if update:
+            grad = average_gradients(grad)
+            if accumulation > 1:
+                grad = tree_map(lambda g: g / accumulation, grad)
+            optimizer.update(model, grad)
+            grad = None
+        return value, toks, grad
+
+    return step, state
+
+
+def evaluate(model, dataset, batcher, batch_size: int, num_batches: int, max_seq_length: int,
+             progress=None) -> float:
+    """Mean loss per target token over the first `num_batches` batches (-1: all), summed over ranks."""
+    from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
+
+    value = mlx_evaluate(model, dataset, batch_size=batch_size, num_batches=num_batches,
+                         max_seq_length=max_seq_length, loss=loss, iterate_batches=batcher,
+                         progress_callback=progress)
+    model.train()
+    return value
