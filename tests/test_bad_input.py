@@ -113,3 +113,26 @@ def test_another_model_path_does_not_inherit_the_tiny_models_recipe(tmp_path):
     (model / "config.json").write_text("{}")
     error = one_line_error(train_on(folder, tmp_path, f"model.path={model}"), "schedule=default")
     assert "model.path=" in error and not (tmp_path / "run" / "adapters").exists()
+
+
+def test_records_longer_than_max_seq_length_can_be_refused(tmp_path):
+    folder = make_data(tmp_path / "d")
+    one_line_error(train_on(folder, tmp_path, "data.max_seq_length=16", "data.too_long=error"),
+                   "train.jsonl:1:", "longer than data.max_seq_length=16", "data.too_long=truncate or drop")
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
+def test_too_long_records_are_counted_then_truncated_or_dropped():
+    from omegaconf import OmegaConf
+
+    from tuning_fork.data import Split, limit_lengths
+
+    split = Split("train", "t.jsonl", [{}] * 4, [1, 2, 5, 9], "text")
+    encoded = [([1] * 5, 0), ([1] * 50, 0), ([1] * 8, 0), ([1] * 70, 0)]
+    cfg = lambda mode: OmegaConf.create({"max_seq_length": 10, "too_long": mode})
+    kept, note = limit_lengths(encoded, split, cfg("truncate"))
+    assert kept == encoded and "2 of 4 records are longer than data.max_seq_length=10" in note
+    assert "longest 70" in note and "t.jsonl:2" in note and "truncated" in note
+    kept, note = limit_lengths(encoded, split, cfg("drop"))
+    assert [len(ids) for ids, _ in kept] == [5, 8] and "2 of 4" in note and "dropped" in note
+    assert limit_lengths(encoded[:1], split, cfg("drop")) == (encoded[:1], None)

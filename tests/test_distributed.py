@@ -56,6 +56,6 @@ def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path):
     folder = make_data(tmp_path / "d")
     proc = launch(2, "data=jsonl", f"data.path={folder}", "schedule.batch_size=3",
                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert "rank 0 exited with code 2" in proc.stderr  # (mlx.launch itself exits 0 whatever its ranks do)
+    assert "exited with code 2" in proc.stderr  # (mlx.launch itself exits 0 whatever its ranks do)
     assert "Traceback" not in proc.stderr
     assert "schedule.batch_size=3 is the global batch" in proc.stderr and "multiple of 2" in proc.stderr
