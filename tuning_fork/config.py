@@ -74,6 +74,7 @@ class ScheduleConfig:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
+    loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
     # the plan in epochs and proportions (mlx-tuning-fork's names); see tuning_fork/schedule.py
     epochs: Optional[float] = None  # wins over iters; with neither, one epoch
     evals_per_epoch: Optional[float] = None
@@ -229,6 +230,8 @@ def check(cfg) -> None:
             continue  # derived by tf.plan: always at least 1
         if s[key] < 1:
             bad(f"schedule.{key}", s[key], "use an interval of at least 1 iteration")
+    if s.loss_chunk is not None and s.loss_chunk < 1:
+        bad("schedule.loss_chunk", s.loss_chunk, "use at least 1 position per chunk, or null")
     if s.keep_checkpoints is not None and s.keep_checkpoints < 1:
         bad("schedule.keep_checkpoints", s.keep_checkpoints, "keep at least 1, or null for all")
     if not OmegaConf.is_interpolation(s, "val_batches") and s.val_batches < 1 and s.val_batches != -1:

@@ -38,22 +38,59 @@ class RecordMask:
         return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
-def loss(model, tokens, mask, segments=None):
-    """Mean cross-entropy over the targets `mask` marks, and how many there were."""
+def loss(model, tokens, mask, segments=None, chunk: int | None = None):
+    """Mean cross-entropy over the targets `mask` marks, and how many there were.
+
+    `chunk`: compute the logits `chunk` positions at a time, recomputed in the backward pass, so the
+    full (batch, length, vocabulary) logits never exist at once (see chunked_cross_entropy)."""
     import mlx.core as mx
     import mlx.nn as nn
 
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if segments is None:
-        logits = model(inputs)
-    else:
-        logits = model(inputs, cache=[RecordMask(segments[:, :-1]) for _ in model.layers])
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    cache = None if segments is None else [RecordMask(segments[:, :-1]) for _ in model.layers]
     ntoks = mask.sum()
+    head = output_head(model) if chunk else None
+    if head is not None:
+        hidden = model.model(inputs, cache=cache)
+        return chunked_cross_entropy(head, hidden, targets, mask, chunk) / ntoks, ntoks
+    logits = model(inputs, cache=cache)
+    ce = nn.losses.cross_entropy(logits, targets) * mask
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False):
+PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3")  # logits = head(model.model(x)), nothing after the head
+
+
+def output_head(model):
+    """The module that turns hidden states into logits, for model families whose logits are exactly
+    that (no soft-capping or scaling after the head); None for any other."""
+    if getattr(model, "model_type", None) not in PLAIN_HEADS or not hasattr(model, "model"):
+        return None
+    if getattr(model, "lm_head", None) is not None:
+        return model.lm_head
+    return model.model.embed_tokens
+
+
+def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
+    """The summed cross-entropy, `chunk` positions at a time. Each chunk's logits are recomputed in the
+    backward pass (nn.utils.checkpoint) instead of kept: memory for logits drops from batch x length x vocab
+    to batch x chunk x vocab. The head's parameters are the checkpoint's inputs, so they still get
+    gradients when they train (full fine-tuning)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    project = head.as_linear if isinstance(head, nn.Embedding) else head
+    def piece(t, m):  # targets and mask are constants of the checkpointed function: no gradient for them
+        return nn.utils.checkpoint(head, lambda h: (nn.losses.cross_entropy(project(h), t) * m)
+                                   .astype(mx.float32).sum())
+
+    total = mx.array(0.0)
+    for i in range(0, hidden.shape[1], chunk):
+        total = total + piece(targets[:, i:i + chunk], mask[:, i:i + chunk])(hidden[:, i:i + chunk])
+    return total
+
+
+def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
     are averaged across data-parallel ranks, then applied. Returns (step, state) — evaluate `state` after
     each step."""
@@ -65,7 +102,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
 
     if grad_checkpoint:
         checkpoint_layer(model.layers[0])
-    value_and_grad = nn.value_and_grad(model, loss)
+    value_and_grad = nn.value_and_grad(model, partial(loss, chunk=loss_chunk))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)

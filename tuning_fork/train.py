@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
         run_dir.joinpath("adapters").mkdir(parents=True, exist_ok=True)
         models.write_json(run_dir / "adapters" / "adapter_config.json", adapter_config)
         write_config(resolved, run_dir)
-    step, state_arrays = make_step(model, optimizer, s.grad_accumulation_steps, s.grad_checkpoint)
+    step, state_arrays = make_step(model, optimizer, s.grad_accumulation_steps, s.grad_checkpoint, s.loss_chunk)
 
     # 4. the loop: one step at a time; reports, validations and checkpoints on the plan's intervals
     wandb_run = tracking.start_wandb(cfg, run_dir, resolved, state["wandb_id"]) if rank == 0 else None

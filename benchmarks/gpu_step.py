@@ -1,0 +1,103 @@
+"""One LoRA training step on Llama-like shapes with random bf16 weights: tuning_fork's step vs mlx-lm's.
+
+LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Variants:
+  mlx_lm        mlx-lm's default_loss in a step compiled the way mlx-lm's trainer compiles it
+  tuning_fork   tuning_fork.step.make_step: our masked loss, the same compiled update
+  chunked       the same, with the logits computed 1024 positions at a time (schedule.loss_chunk=1024)
+Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
+tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
+../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
+
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|chunked} {1b|8b} BATCH SEQ
+prints one `RESULT {json}` line (rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, head_dim=64, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, head_dim=128, tie_word_embeddings=False),
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1000, head_dim=16, tie_word_embeddings=True),  # CPU check
+}
+PEAK_TFLOPS = 790
+WARMUP, STEPS = 3, 10
+
+
+def flops_per_token(s, seq):
+    d, L, f, V = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
+    kv, q = s["num_key_value_heads"] * s["head_dim"], s["num_attention_heads"] * s["head_dim"]
+    n = L * (d * q + d * kv * 2 + q * d + 3 * d * f) + d * V
+    attn = L * 2 * 2 * seq * q / 2
+    return 2 * (2 * n + attn)
+
+
+def main():
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from tuning_fork.step import make_step
+
+    variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    group = mx.distributed.init()
+    s = SHAPES[shape]
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(model_type="llama", rms_norm_eps=1e-5,
+                                                       rope_theta=500000.0, **s)))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(model.parameters())
+    model.freeze()
+    linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+    opt = optim.Adam(learning_rate=1e-5)
+    tokens = mx.random.randint(0, s["vocab_size"], (B, T + 1))
+
+    if variant == "mlx_lm":
+        lvg = nn.value_and_grad(model, default_loss)
+        state = [model.state, opt.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(batch, lengths):
+            (value, toks), grad = lvg(model, batch, lengths)
+            grad = nn.average_gradients(grad)
+            opt.update(model, grad)
+            return value, toks
+
+        args = (tokens, mx.array([[0, T]] * B))
+        run = lambda: step(*args)
+    else:
+        step, state = make_step(model, opt, 1, loss_chunk=1024 if variant == "chunked" else None)
+        batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
+        run = lambda: step(batch, None, True)[:2]
+
+    for _ in range(WARMUP):
+        value, _ = run()
+        mx.eval(state, value)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for _ in range(STEPS):
+        value, _ = run()
+        mx.eval(state, value)
+    dt = (time.perf_counter() - tic) / STEPS
+    tok_s = group.size() * B * T / dt
+    fpt = flops_per_token(s, T)
+    result = dict(variant=variant, shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),
+                  step_s=dt, tok_s=tok_s, tflops=tok_s * fpt / 1e12 / group.size(),
+                  mfu=tok_s * fpt / 1e12 / group.size() / PEAK_TFLOPS, peak_gb=mx.get_peak_memory() / 1e9,
+                  loss=value.item())
+    if group.rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
