@@ -24,6 +24,8 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, head_dim=64, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, head_dim=128, tie_word_embeddings=False),
+    "1b_v32k": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=32000, head_dim=64, tie_word_embeddings=True),  # the head's share
     "smoke": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000, head_dim=16, tie_word_embeddings=True),  # CPU check
 }

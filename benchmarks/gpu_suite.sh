@@ -18,6 +18,7 @@ if [ "$mode" = single ]; then
 elif [ "$mode" = scaling ]; then
   CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py tuning_fork 1b 8 1024
   run launch -n 2 --backend nccl -- python3 benchmarks/gpu_step.py tuning_fork 1b 8 1024
-  CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py tuning_fork 1b 16 1024
-  CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py chunked 1b 16 1024
+  for v in tuning_fork mlx_lm; do CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py $v 1b 8 1024; done
+  for v in tuning_fork mlx_lm; do CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py $v 1b 16 1024; done
+  CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py tuning_fork 1b_v32k 8 1024
 fi

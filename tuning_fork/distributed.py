@@ -32,6 +32,13 @@ def world():
     return mx.distributed.init()
 
 
+def stream():
+    """Where collectives run: NCCL (CUDA) needs the GPU's stream; the ring and MPI backends the CPU's."""
+    import mlx.core as mx
+
+    return mx.gpu if mx.cuda.is_available() else mx.cpu
+
+
 def check_batch(batch_size: int, size: int) -> None:
     if batch_size % size:
         raise ConfigError(f"schedule.batch_size={batch_size} is the global batch and does not split evenly over "
@@ -49,7 +56,7 @@ def share_text(group, text: str) -> str:
     if group.rank() == 0:
         raw = np.frombuffer(text.encode(), np.uint8)
         data[:len(raw)] = raw
-    total = mx.distributed.all_sum(mx.array(data), group=group, stream=mx.cpu)
+    total = mx.distributed.all_sum(mx.array(data), group=group, stream=stream())
     return bytes(np.array(total).astype(np.uint8)).rstrip(b"\0").decode()
 
 
@@ -60,7 +67,7 @@ def all_sum(group, value):
     if group.size() == 1:
         return value
     dtype = mx.int64 if isinstance(value, int) else mx.float32
-    return mx.distributed.all_sum(mx.array(value, dtype), group=group, stream=mx.cpu).item()
+    return mx.distributed.all_sum(mx.array(value, dtype), group=group, stream=stream()).item()
 
 
 def barrier(group) -> None:

@@ -124,10 +124,22 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
 def evaluate(model, dataset, batcher, batch_size: int, num_batches: int, max_seq_length: int,
              progress=None) -> float:
     """Mean loss per target token over the first `num_batches` batches (-1: all), summed over ranks."""
-    from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
+    import mlx.core as mx
 
-    value = mlx_evaluate(model, dataset, batch_size=batch_size, num_batches=num_batches,
-                         max_seq_length=max_seq_length, loss=loss, iterate_batches=batcher,
-                         progress_callback=progress)
+    from .distributed import stream
+
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0)
+    for n, batch in enumerate(batcher(dataset, batch_size, max_seq_length)):
+        if n == num_batches:
+            break
+        value, toks = loss(model, *batch)
+        total, count = total + value * toks, count + toks
+        mx.eval(total, count)
+        if progress is not None:
+            progress()
+    if mx.distributed.init().size() > 1:
+        total = mx.distributed.all_sum(total, stream=stream())
+        count = mx.distributed.all_sum(count, stream=stream())
     model.train()
-    return value
+    return (total / count).item()
