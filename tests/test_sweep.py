@@ -3,6 +3,7 @@ concurrent sweep processes on one study, and the results people look at."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,8 +85,17 @@ def test_joblib_runs_two_jobs_in_parallel_processes(tmp_path, data):
     trials = study(sweep_dir / "optuna.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     dirs = {t.user_attrs["run_dir"] for t in trials}
-    assert len(dirs) == 2 and all(read_metrics(d) for d in dirs)  # each job wrote only its own folder
+    assert len(dirs) == 2 and all(read_metrics(d) for d in dirs)
     assert "Joblib.Parallel" in proc.stderr + proc.stdout
+    # each job wrote only its own folder: its own config, its own learning rate in its own metrics
+    for t in trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        assert run_dir.parent == sweep_dir and run_dir.name == str(t.number)
+        lr = t.params["schedule.learning_rate"]
+        assert f"learning_rate: {lr}" in (run_dir / ".hydra" / "config.yaml").read_text()
+        assert {m["learning_rate"] for m in read_metrics(run_dir) if "learning_rate" in m} == {lr}
+    sweeper_files = {"optuna.db", "multirun.yaml", "trials.csv", "val_loss.png", "optimization_results.yaml"}
+    assert {p.name for p in sweep_dir.iterdir()} - sweeper_files == {"0", "1"}
 
 
 def test_submitit_local_launcher(tmp_path, data):

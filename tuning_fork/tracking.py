@@ -89,6 +89,35 @@ def scrub(obj):
     return obj
 
 
+def scrub_hydra_files(run_dir: Path) -> None:
+    """Hydra saves the composed config and the command line in <run>/.hydra/ before the run starts: take
+    anything that looks like a credential out of them too."""
+    from omegaconf import OmegaConf
+
+    def override(text):
+        key, sep, value = str(text).partition("=")
+        return f"{key}=<redacted>" if sep and any(w in key.lower() for w in SECRET_WORDS) else text
+
+    def clean(obj):
+        if isinstance(obj, list):
+            return [override(v) if isinstance(v, str) else clean(v) for v in obj]
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in scrub(obj).items()}
+        return obj
+
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        path = run_dir / ".hydra" / name
+        if not path.exists():
+            continue
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception:  # not ours to judge: leave a file we cannot read as it is
+            continue
+        tmp = path.with_name(f".{name}.tmp")
+        OmegaConf.save(OmegaConf.create(clean(data)), tmp)
+        os.replace(tmp, path)
+
+
 def start_wandb(cfg, run_dir: Path, config_dict: dict, resume_id: str | None = None):
     """A W&B run writing its files inside the run folder, or None when wandb.project is null.
 

@@ -29,6 +29,8 @@ def train(cfg: DictConfig) -> dict:
     distributed.check_batch(s.batch_size, group.size())
     run_dir = Path(distributed.share_text(group, str(output_dir(cfg).resolve())))
     checkpoints = Checkpoints(run_dir, s.keep_checkpoints)
+    if rank == 0:
+        tracking.scrub_hydra_files(run_dir)
     resume_from = find_resume(cfg, run_dir, checkpoints)
     distributed.barrier(group)  # every rank has looked at the folder before rank 0 writes to it
 
