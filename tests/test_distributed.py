@@ -59,3 +59,44 @@ def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path):
     assert "exited with code 2" in proc.stderr  # (mlx.launch itself exits 0 whatever its ranks do)
     assert "Traceback" not in proc.stderr
     assert "schedule.batch_size=3 is the global batch" in proc.stderr and "multiple of 2" in proc.stderr
+
+
+def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
+    """As a scheduler stops a job: SIGTERM to every process. Both ranks stop at the same step, rank 0
+    writes the checkpoint, and `resume=true` under mlx.launch ends where an unstopped run ends."""
+    import os
+    import signal
+    import time
+
+    from .test_resume import adapters, max_difference, reports, wait_for_iteration
+
+    folder = make_data(tmp_path / "d", n_train=30, n_valid=8)
+    args = ("data=jsonl", f"data.path={folder}", "schedule.batch_size=4", "schedule.epochs=5",
+            "schedule.learning_rate=1e-3", "schedule.steps_per_report=1", "schedule.steps_per_eval=20",
+            "schedule.save_every=3", "adapter.dropout=0.1")
+    whole = launch(2, *args, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
+    assert whole.returncode == 0 and (tmp_path / "whole" / "results.json").exists(), whole.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "tuning_fork",
+                             *args, f"hydra.run.dir={run}"], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_iteration(run, 4, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    for _ in range(600):  # the ranks outlive the launcher by the time a checkpoint takes
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    assert list((run / "checkpoints").glob("[0-9]*")) and not (run / "results.json").exists()
+
+    resumed = launch(2, *args, f"hydra.run.dir={run}", "resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0 and "resumed at iteration" in resumed.stdout, resumed.stderr[-3000:]
+    got, want = reports(run), reports(tmp_path / "whole")
+    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
+    for a, b in zip(got, want):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert max_difference(adapters(run), adapters(tmp_path / "whole")) < 1e-5

@@ -107,7 +107,7 @@ def scrub_hydra_files(run_dir: Path) -> None:
 
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         path = run_dir / ".hydra" / name
-        if not path.exists():
+        if not path.exists() or not any(w in path.read_text().lower() for w in SECRET_WORDS):
             continue
         try:
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)

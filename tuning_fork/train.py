@@ -50,12 +50,12 @@ def train(cfg: DictConfig) -> dict:
                           f"rate {s.learning_rate:g}) that model=tiny brought: choose a schedule "
                           "for this model, e.g. schedule=default or schedule=epochs3, or a preset such as model=mistral")
 
-    # 2. model and tokenizer; tokenized data; the plan in steps
+    # 2. tokenized data (records over max_seq_length are found here, before any weights load); the plan
     import mlx.core as mx
     import numpy as np
     from mlx_lm.tuner.trainer import TrainUI
 
-    model, tokenizer = models.load(OmegaConf.merge(cfg.model, {"path": base}) if previous else cfg.model)
+    tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     sets = {}
     for name, split in splits.items():
         sets[name], note = data.limit_lengths(data.encode_split(split, tokenizer, cfg.data, cfg.prompt),
@@ -66,8 +66,9 @@ def train(cfg: DictConfig) -> dict:
     units = batcher.rows_per_epoch(sets["train"]) if cfg.data.packing else len(sets["train"])
     p = plan_steps(cfg, units, len(sets["valid"]))
     iters = p["iters"]
+    model, _ = models.load(OmegaConf.merge(cfg.model, {"path": base}) if previous else cfg.model)
 
-    # 3. adapters and optimizer; a resumed run takes both, and where it was, from its last checkpoint
+    # 3. the model's adapters and optimizer; a resumed run takes both, and where it was, from its last checkpoint
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     adapter_config = {"model": base, **models.attach(model, cfg.adapter, cfg.model)}
