@@ -3,12 +3,12 @@
 LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Variants:
   mlx_lm        mlx-lm's default_loss in a step compiled the way mlx-lm's trainer compiles it
   tuning_fork   tuning_fork.step.make_step: our masked loss, the same compiled update
-  chunked       the same, with the logits computed 1024 positions at a time (schedule.loss_chunk=1024)
+  chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|chunked} {1b|8b} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|chunked[N]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
 prints one `RESULT {json}` line (rank 0).
 """
 
@@ -26,6 +26,8 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256, head_dim=128, tie_word_embeddings=False),
     "1b_v32k": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=32000, head_dim=64, tie_word_embeddings=True),  # the head's share
+    "smoke_v16k": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=16000, head_dim=16, tie_word_embeddings=True),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000, head_dim=16, tie_word_embeddings=True),  # CPU check
 }
@@ -42,6 +44,7 @@ def flops_per_token(s, seq):
 
 
 def main():
+    import tuning_fork  # noqa: F401  (first: on Linux CPUs it puts MKL under MLX)
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -78,7 +81,8 @@ def main():
         args = (tokens, mx.array([[0, T]] * B))
         run = lambda: step(*args)
     else:
-        step, state = make_step(model, opt, 1, loss_chunk=1024 if variant == "chunked" else None)
+        chunk = int(variant[len("chunked"):] or 256) if variant.startswith("chunked") else None
+        step, state = make_step(model, opt, 1, loss_chunk=chunk)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         run = lambda: step(batch, None, True)[:2]
 

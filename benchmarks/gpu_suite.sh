@@ -11,9 +11,9 @@ run() { echo "== $*" | tee -a "$out/log.txt"; timeout 170 "$@" 2>&1 | tail -4 | 
 launch() { python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; main()" "$@"; }
 if [ "$mode" = single ]; then
   export CUDA_VISIBLE_DEVICES=0
-  for v in mlx_lm tuning_fork chunked; do run python3 benchmarks/gpu_step.py $v 1b 8 1024; done
+  for v in mlx_lm tuning_fork chunked1024 chunked256 chunked128; do run python3 benchmarks/gpu_step.py $v 1b 8 1024; done
   [ -n "$peer" ] && run python3 "$peer" torch 1b 8 1024
-  for v in mlx_lm tuning_fork chunked; do run python3 benchmarks/gpu_step.py $v 8b 4 2048; done
+  for v in mlx_lm tuning_fork chunked1024 chunked256; do run python3 benchmarks/gpu_step.py $v 8b 4 2048; done
   [ -n "$peer" ] && run python3 "$peer" torch 8b 4 2048
 elif [ "$mode" = scaling ]; then
   CUDA_VISIBLE_DEVICES=0 run python3 benchmarks/gpu_step.py tuning_fork 1b 8 1024
