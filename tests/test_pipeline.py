@@ -146,3 +146,19 @@ def test_two_file_mlx_tuning_fork_config_migrates_and_runs(tmp_path):
     again = run_cli("cpt.yaml", "sft.yaml", "--name", "old", module="tuning_fork.migrate", cwd=tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr
     assert (tmp_path / "conf" / "pipeline" / "old.yaml").read_text() == written
+
+
+def test_resume_continues_a_pipeline_where_it_stopped(tmp_path):
+    """resume=true on a pipeline keeps finished stages and runs (or resumes) the rest."""
+    data = make_data(tmp_path / "d")
+    stages = [{"name": "a", "overrides": [f"data.path={data}"]}, {"name": "b", "overrides": [f"data.path={data}"]}]
+    conf, run = pipeline_dir(tmp_path, stages), tmp_path / "run"
+    args = ("--config-dir", conf, "pipeline=test_chain", "data=jsonl", f"data.path={data}", f"hydra.run.dir={run}",
+            *SHORT)
+    proc = run_cli(*args, "pipeline.only=a")  # as if the pipeline had stopped after its first stage
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = (run / "a" / "metrics.jsonl").read_text()
+    proc = run_cli(*args, "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage a: finished" in proc.stdout and (run / "a" / "metrics.jsonl").read_text() == before
+    assert vals(run / "b")[0] == pytest.approx(vals(run / "a")[-1], rel=1e-5)

@@ -148,6 +148,8 @@ def resume_command(run_dir: Path) -> str:
         if HydraConfig.initialized():
             overrides = [o for o in HydraConfig.get().overrides.task
                          if not o.startswith(("hydra.run.dir=", "resume="))]
+            if os.environ.get("MLX_RANK", "0") == "0":
+                run_dir = Path(HydraConfig.get().runtime.output_dir)  # a pipeline's folder, not its stage's
     except Exception:  # not under Hydra (a test calling train directly): the folder says enough
         pass
     return " ".join(["python -m tuning_fork", *map(shlex.quote, overrides),

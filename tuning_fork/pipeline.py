@@ -8,6 +8,8 @@ the first stage trains.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from hydra import compose
@@ -81,6 +83,14 @@ def run_pipeline(cfg, run_dir: Path) -> dict:
             stages[0][1].init_from = cfg.init_from  # no earlier stage here: start from scratch (or init_from)
     results = {}
     for name, stage_cfg in stages:
+        folder = Path(stage_cfg.output_dir)
+        if cfg.resume and not cfg.summary:  # continue the pipeline: skip finished stages, resume the stopped one
+            if (folder / "results.json").exists():
+                print(f"== stage {name}: finished in {folder} (resume=true: kept)")
+                results[name] = json.loads((folder / "results.json").read_text())
+                continue
+            if not (folder / "checkpoints").exists() and not (folder / "metrics.jsonl").exists():
+                stage_cfg.resume = False  # this stage never started: start it
         print(f"== stage {name} -> {stage_cfg.output_dir}")
         if cfg.summary:
             from .summary import summarize
