@@ -1,4 +1,4 @@
-"""Data: reading and checking records, tokenizing them, and batching them for mlx-lm's trainer.
+"""Data: reading and checking records, tokenizing them, and batching them (length-bucketed or packed).
 
 Records are read and checked before any model loads, so a bad line costs seconds, not a model download.
 Formats are mlx-lm's: {"text"}, {"prompt", "completion"}, {"messages"} (chat, optionally with "tools").

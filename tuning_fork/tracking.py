@@ -14,7 +14,7 @@ class Metrics:
     """Appends one JSON object per report to metrics.jsonl and keeps what a sweep needs to optimize.
 
     Iterations count completed optimizer steps for training and validation alike: a validation at
-    iteration k measured the model after k steps (mlx-lm reports its validations one step late)."""
+    iteration k measured the model after k steps."""
 
     def __init__(self, run_dir: Path, wandb_run=None, write: bool = True):
         self.path = run_dir / "metrics.jsonl"

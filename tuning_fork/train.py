@@ -1,7 +1,9 @@
 """The one training entrypoint: `train(cfg) -> metrics`, called by the CLI, pipelines, sweeps and tests.
 
-Reads top to bottom: check the config and data, load the model, fit adapters, run mlx-lm's trainer with
-our batcher and callback, validate and test the result, write the run folder.
+Reads top to bottom: check the config and the data, tokenize, load the model, attach adapters (or restore
+a checkpoint), then the loop — one compiled step at a time (tuning_fork/step.py), with reports,
+validations and checkpoints on the plan's intervals — and finally the test split and results.json.
+Every rank of a data-parallel run runs this; rank 0 alone writes (tuning_fork/distributed.py).
 """
 
 from __future__ import annotations
