@@ -125,3 +125,18 @@ def test_a_run_follows_the_derived_plan(tmp_path):
     assert vals[0] == 0 and vals[-1] == 10
     saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
     assert "iters: 10" in saved and "steps_per_eval: 2" in saved
+
+
+def test_summary_with_packing_plans_in_packed_rows(tmp_path):
+    from tuning_fork.summary import summarize
+
+    from .test_config import compose_cfg
+
+    folder = make_data(tmp_path / "d", n_train=37, n_valid=9)
+    cfg = compose_cfg("summary=true", "data=jsonl", f"data.path={folder}", "schedule.batch_size=2",
+                      "schedule.epochs=2", "data.packing=true", "data.max_seq_length=256")
+    out = summarize(cfg)
+    train = out["splits"]["train"]
+    assert train["rows"] < 37 and train["padding"] < 0.2  # ~6 records a row, little padding
+    assert out["plan"]["packed_rows_per_epoch"] == train["rows"]
+    assert out["plan"]["iters"] == 2 * math.ceil(train["rows"] / 2)
