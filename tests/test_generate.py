@@ -85,18 +85,15 @@ def loom(tmp_path):
     return folder / "loom.toml"
 
 
-def test_readme_medical_example_with_markers_as_a_string(loom):
-    proc = gen("prompt=chatml", f"prompt.loom_file={loom}",
-               "prompt.build_prompt=system_prompt_final context templated_question_final",
-               "prompt.loom_markers='medical_problems=[Lymphoid aggregate]'", "prompt_only=true")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == MEDICAL + "\n"
-
-
-def test_markers_as_a_hydra_mapping(loom):
-    proc = gen("prompt=chatml", f"prompt.loom_file={loom}",
-               "prompt.build_prompt=[system_prompt_final,context,templated_question_final]",
-               "+prompt.loom_markers.medical_problems='Lymphoid aggregate'", "prompt_only=true")
+@pytest.mark.parametrize("sections, markers", [
+    ("system_prompt_final context templated_question_final",  # the README's medical example, as a string
+     "prompt.loom_markers='medical_problems=[Lymphoid aggregate]'"),
+    ("[system_prompt_final,context,templated_question_final]",  # sections as a list, markers as a mapping
+     "+prompt.loom_markers.medical_problems='Lymphoid aggregate'"),
+])
+def test_readme_medical_example(loom, sections, markers):
+    proc = gen("prompt=chatml", f"prompt.loom_file={loom}", f"prompt.build_prompt={sections}", markers,
+               "prompt_only=true")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == MEDICAL + "\n"
 

@@ -58,6 +58,18 @@ def wait_for_iteration(run_dir, at_least: int, proc, timeout=120):
     raise AssertionError("the run never got going")
 
 
+def stop_midway(run_dir, at: int, *args, signals=(signal.SIGTERM,)):
+    """Start a run, send `signals` once it has reported iteration `at`; return (returncode, stderr)."""
+    proc = start(*args, f"hydra.run.dir={run_dir}")
+    wait_for_iteration(run_dir, at, proc)
+    for k, sig in enumerate(signals):
+        if k:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     folder = make_data(tmp_path_factory.mktemp("data") / "d", n_train=20, n_test=4)
@@ -71,11 +83,8 @@ def test_sigterm_midway_then_resume_matches_an_uninterrupted_run(uninterrupted, 
     folder, whole = uninterrupted
     run_dir = tmp_path / "run"
     args = (*RUN, f"data.path={folder}", "wandb.project=resume-test")
-    proc = start(*args, f"hydra.run.dir={run_dir}")
-    wait_for_iteration(run_dir, 12, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    code, err = stop_midway(run_dir, 12, *args)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err
     line = [x for x in err.splitlines() if x.startswith("tuning_fork: error:")]
     assert len(line) == 1 and "SIGTERM stopped the run at iteration" in line[0], err[-2000:]
@@ -106,16 +115,11 @@ def test_sigterm_midway_then_resume_matches_an_uninterrupted_run(uninterrupted, 
 def test_a_second_ctrl_c_exits_at_once_and_what_was_saved_resumes(uninterrupted, tmp_path):
     folder, whole = uninterrupted
     run_dir = tmp_path / "run"
-    proc = start(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}")
-    wait_for_iteration(run_dir, 12, proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    code, err = stop_midway(run_dir, 12, *RUN, f"data.path={folder}", signals=(signal.SIGINT, signal.SIGINT))
     # the second Ctrl-C normally lands before the step ends (exit 130 at once); when the first stop was
     # quicker it lands while Python shuts down, which ends the process by SIGINT itself (-2): either way
     # at once, and nothing written is damaged
-    assert proc.returncode in (128 + signal.SIGINT, -signal.SIGINT), err[-2000:]
+    assert code in (128 + signal.SIGINT, -signal.SIGINT), err[-2000:]
     assert "Traceback" not in err
     assert "stopped at once" in err or "SIGINT stopped the run" in err, err[-2000:]
     proc = run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}", "resume=true")
@@ -160,10 +164,7 @@ def test_resume_refuses_a_folder_without_a_checkpoint(tmp_path):
 def test_resume_refuses_changed_settings(uninterrupted, tmp_path):
     folder, _ = uninterrupted
     run_dir = tmp_path / "run"
-    proc = start(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}")
-    wait_for_iteration(run_dir, 6, proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    stop_midway(run_dir, 6, *RUN, f"data.path={folder}")
     before = (run_dir / "metrics.jsonl").read_text()
     one_line_error(run_cli(*RUN, f"data.path={folder}", f"hydra.run.dir={run_dir}", "resume=true",
                            "schedule.learning_rate=0.5"), "schedule.learning_rate=0.5", "resume with the same")

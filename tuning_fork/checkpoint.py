@@ -72,8 +72,9 @@ class Checkpoints:
         for old in sorted(self.folder.glob(NUMBERED))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
             (self.adapters / f"{old.name}_adapters.safetensors").unlink(missing_ok=True)
-        for stray in sorted(self.adapters.glob(f"{NUMBERED}_adapters.safetensors")):
-            if stray.name[:7] not in {p.name for p in self.folder.glob(NUMBERED)}:
+        kept = {p.name for p in self.folder.glob(NUMBERED)}
+        for stray in self.adapters.glob(f"{NUMBERED}_adapters.safetensors"):
+            if stray.name[:7] not in kept:
                 stray.unlink()  # from a save that crashed before its state was written, or pruned
 
     def latest(self) -> Path | None:

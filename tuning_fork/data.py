@@ -364,20 +364,20 @@ class Batcher:
         self.batch_size, self.max_seq_length, self.seed, self.packing = batch_size, max_seq_length, seed, packing
         self.rank, self.size = rank, size
 
-    def epoch(self, dataset, epoch: int) -> list:
-        lengths = [len(ids) for ids, _ in dataset]
+    def epoch(self, lengths: list[int], epoch: int) -> list:
         if self.packing:
             return pack_order(lengths, self.batch_size, self.max_seq_length, self.seed, epoch, self.size)
         return batch_order(lengths, self.batch_size, self.seed, epoch, self.size)
 
     def rows_per_epoch(self, dataset) -> int:
         """Rows an epoch trains: records, or packed rows (each holding several records)."""
-        return sum(len(batch) for batch in self.epoch(dataset, 0))
+        return sum(len(batch) for batch in self.epoch([len(ids) for ids, _ in dataset], 0))
 
     def train(self, dataset, start: int = 0) -> Iterator:
+        lengths = [len(ids) for ids, _ in dataset]
         done, epoch = 0, 0
         while True:
-            batches = self.epoch(dataset, epoch)
+            batches = self.epoch(lengths, epoch)
             for batch in batches:
                 if done >= start:
                     mine = batch[self.rank::self.size]

@@ -103,14 +103,18 @@ def train(cfg: DictConfig) -> dict:
     if rank == 0:
         print_header(cfg, base, model, len(sets["train"]), iters, run_dir, state["step"])
 
+    val_total = math.ceil(len(sets["valid"]) / s.batch_size)
+    if p["val_batches"] != -1:
+        val_total = min(val_total, p["val_batches"])
+
     def validate(done: int, ui) -> float:
         tic = time.perf_counter()
-        total = len(sets["valid"]) if p["val_batches"] == -1 else p["val_batches"]
-        with ui.val_task(min(total, math.ceil(len(sets["valid"]) / s.batch_size))) as advance:
+        with ui.val_task(val_total) as advance:
             loss = evaluate(model, sets["valid"], batcher, s.batch_size, p["val_batches"],
                             cfg.data.max_seq_length, advance)
-        ui.report_val(done, loss, time.perf_counter() - tic)
-        metrics.val_report(done, loss, time.perf_counter() - tic)
+        seconds = time.perf_counter() - tic
+        ui.report_val(done, loss, seconds)
+        metrics.val_report(done, loss, seconds)
         return loss
 
     def save(done: int) -> None:
