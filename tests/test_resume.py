@@ -217,3 +217,19 @@ def test_remote_code_is_never_trusted_by_default():
 
     for model in ("tiny", "mistral", "llama3", "llama3_2", "qwen", "gemma", "phi"):
         assert compose_cfg(f"model={model}").model.trust_remote_code is False
+
+
+def test_the_first_signal_asks_to_stop_and_the_second_stops_at_once():
+    script = ("import os, signal, time\n"
+              "from tuning_fork.checkpoint import StopSignals\n"
+              "with StopSignals() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(0.2)\n"
+              "    assert stop.signal == signal.SIGINT, 'the first signal must only ask'\n"
+              "    print('asked', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(10)\n"
+              "    print('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.stdout == "asked\n" and proc.returncode == 128 + signal.SIGINT, (proc.stdout, proc.stderr)
+    assert "stopped at once" in proc.stderr and "Traceback" not in proc.stderr
