@@ -2,13 +2,16 @@
 
 LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Variants:
   mlx_lm        mlx-lm's default_loss in a step compiled the way mlx-lm's trainer compiles it
-  tuning_fork   tuning_fork.step.make_step: our masked loss, the same compiled update
+  tuning_fork   as tuning_fork/train.py runs it: tuning_fork.step.make_step (our masked loss, the same
+                compiled update), kernels launched directly on CUDA (step.direct_cuda_launches) and the
+                host paced by a memory limit set from the first step (step.HostPace)
+  graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|chunked[N]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
 prints one `RESULT {json}` line (rank 0).
 """
 
@@ -52,9 +55,10 @@ def main():
     from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from tuning_fork.step import make_step
+    from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
     group = mx.distributed.init()
     s = SHAPES[shape]
     mx.random.seed(0)
@@ -86,9 +90,11 @@ def main():
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         run = lambda: step(batch, None, True)[:2]
 
+    pace = HostPace(direct)
     for _ in range(WARMUP):
         value, _ = run()
         mx.eval(state, value)
+        pace.stepped(True)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     for _ in range(STEPS):
@@ -100,6 +106,7 @@ def main():
     result = dict(variant=variant, shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),
                   step_s=dt, tok_s=tok_s, tflops=tok_s * fpt / 1e12 / group.size(),
                   mfu=tok_s * fpt / 1e12 / group.size() / PEAK_TFLOPS, peak_gb=mx.get_peak_memory() / 1e9,
+                  launches="direct" if direct else "graphs" if mx.cuda.is_available() else None,
                   loss=value.item())
     if group.rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)

@@ -85,9 +85,11 @@ def choose_model(cfg):
 
 def load_model(cfg, base, adapters, adapter_config):
     import mlx.nn as nn
-    from mlx_lm.tuner.utils import load_adapters
 
     from . import models
+
+    models.import_tuner()
+    from mlx_lm.tuner.utils import load_adapters
 
     model_cfg = OmegaConf.merge(cfg.model, {"path": base, "trust_remote_code": trusted(cfg)})
     model, tokenizer = models.load(model_cfg)

@@ -170,9 +170,25 @@ def is_quantized(model) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
 
+def import_tuner():
+    """Import mlx_lm.tuner without W&B. Its package imports wandb (1.2 s of every start-up) for reporting
+    callbacks tuning_fork never uses; tracking.py imports wandb itself when a run logs to W&B."""
+    import sys
+
+    if "mlx_lm.tuner" in sys.modules or "wandb" in sys.modules:
+        return
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError, which mlx-lm takes as "not installed"
+    try:
+        import mlx_lm.tuner  # noqa: F401
+    finally:
+        del sys.modules["wandb"]
+
+
 def attach(model, adapter, model_cfg) -> dict:
     """Make the chosen part of `model` trainable; return the adapter_config.json mlx-lm reads back."""
     import mlx.nn as nn
+
+    import_tuner()
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     n_blocks = len(model.layers)

@@ -19,13 +19,14 @@ from . import config as config_schema
 from . import data, distributed, models, schedule, tracking
 from .checkpoint import Checkpoints, Interrupted, StopSignals
 from .errors import ConfigError, DataError, TuningForkError
-from .step import evaluate, make_step
+from .step import HostPace, direct_cuda_launches, evaluate, make_step
 from .trial import Pruned
 
 
 def train(cfg: DictConfig) -> dict:
     config_schema.check(cfg)
     s = cfg.schedule
+    direct = direct_cuda_launches()  # before any kernel runs
     group = distributed.world()  # one process, or one of the ranks mlx.launch started
     rank = group.rank()
     distributed.check_batch(s.batch_size, group.size())
@@ -55,7 +56,7 @@ def train(cfg: DictConfig) -> dict:
     # 2. tokenized data (records over max_seq_length are found here, before any weights load); the plan
     import mlx.core as mx
     import numpy as np
-    from mlx_lm.tuner.trainer import TrainUI
+    from mlx_lm.cli_ui import TrainUI
 
     tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     sets = {}
@@ -128,6 +129,7 @@ def train(cfg: DictConfig) -> dict:
     mx.reset_peak_memory()
     model.train()
     ui = TrainUI(iters, rank=rank)
+    pace = None
     try:
         with ui, StopSignals() as stop:
             for _ in range(start):
@@ -137,12 +139,14 @@ def train(cfg: DictConfig) -> dict:
                 if reporter is not None:
                     reporter.report(0, loss)
             batches = batcher.train(sets["train"], start)
+            pace = HostPace(direct)
             for done in range(start + 1, iters + 1):
                 tic = time.perf_counter()
                 mx.random.seed(cfg.seed * 1_000_003 + done)  # dropout's draws depend on the step alone
                 boundary = done % s.grad_accumulation_steps == 0 or done == iters
                 value, toks, grad = step(next(batches), grad, boundary)
                 mx.eval(state_arrays, value, toks, grad)
+                pace.stepped(boundary)
                 window_loss += value.item()
                 window_toks += int(toks.item())
                 window_steps += 1
@@ -193,6 +197,8 @@ def train(cfg: DictConfig) -> dict:
         models.write_json(run_dir / "results.json", result)
         return result
     finally:
+        if pace is not None:
+            pace.close()
         if wandb_run is not None:
             wandb_run.finish()
     result.update(iters=iters, peak_memory=mx.get_peak_memory() / 1e9, run_dir=str(run_dir))
