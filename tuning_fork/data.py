@@ -162,7 +162,8 @@ def _load_hf(data) -> dict[str, Split]:
         splits[name] = check_records(name, f"{data.path}[{expr}]", records,
                                      list(range(1, len(records) + 1)), data)
     if "valid" not in splits:
-        raise DataError("data=hf needs a validation split: set data.valid_split (e.g. 'train[-10%:]')")
+        raise DataError("data=hf needs a validation split: set data.valid_split, e.g. "
+                        "'data.valid_split=\"train[-10%:]\"' (quoted: Hydra reads brackets as a list)")
     return splits
 
 
