@@ -4,16 +4,15 @@ optimization_results.yaml in the sweep folder."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 
 def val_curve(run_dir) -> list[tuple[int, float]]:
-    path = Path(run_dir or "") / "metrics.jsonl"
-    if not run_dir or not path.exists():
+    from .plot import read_metrics
+
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return [(r["iteration"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
 
 
 def rows_of(study) -> list[dict]:
