@@ -29,7 +29,6 @@ def test_host_pace_runs_until_the_first_update_in_order_then_caps_memory_at_its_
     """Strictly ordered steps (a one-byte memory limit) compute what unpaced steps compute; the limit then
     becomes the peak the first update needed, and closing restores the limit that was there before."""
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx_lm.models import llama
 

@@ -37,3 +37,9 @@ def fail(message: str, code: int = 2) -> None:
         raise TuningForkError(message)
     print(f"tuning_fork: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def command_error(command: str, message: str) -> int:
+    """The one-line error of a plain (argparse) command such as tuning_fork.plot; returns its exit code."""
+    print(f"{command}: error: {message}", file=sys.stderr)
+    return 2

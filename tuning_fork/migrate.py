@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .cli import command_error
+
 # mlx-lm / mlx-tuning-fork key -> tuning_fork key
 SAME = {
     "seed": "seed", "num_layers": "adapter.num_layers", "batch_size": "schedule.batch_size",
@@ -156,8 +158,7 @@ def main(argv=None) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"tuning_fork.migrate: error: {message}", file=sys.stderr)
-    return 2
+    return command_error("tuning_fork.migrate", message)
 
 
 if __name__ == "__main__":

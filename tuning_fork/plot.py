@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import command_error
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """A run's reports, one per line of metrics.jsonl; a cut-short last line (a killed run) is skipped."""
@@ -91,8 +93,7 @@ def main(argv=None) -> int:
 
 
 def fail(message: str) -> int:
-    print(f"tuning_fork.plot: error: {message}", file=sys.stderr)
-    return 2
+    return command_error("tuning_fork.plot", message)
 
 
 if __name__ == "__main__":
