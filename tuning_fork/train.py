@@ -204,6 +204,8 @@ def train(cfg: DictConfig) -> dict:
     result.update(iters=iters, peak_memory=mx.get_peak_memory() / 1e9, run_dir=str(run_dir))
     if rank == 0:
         models.write_json(run_dir / "results.json", result)
+        print(f"tuning_fork: adapters in {run_dir / 'adapters'}; next: python -m tuning_fork.generate "
+              f"run={run_dir} \"prompt.text=...\" · python -m tuning_fork.plot {run_dir}")
     return result
 
 
