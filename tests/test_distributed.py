@@ -59,6 +59,9 @@ def test_a_global_batch_that_does_not_split_is_one_clear_line(tmp_path):
     assert "exited with code 2" in proc.stderr  # (mlx.launch itself exits 0 whatever its ranks do)
     assert "Traceback" not in proc.stderr
     assert "schedule.batch_size=3 is the global batch" in proc.stderr and "multiple of 2" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tuning_fork: error")]
+    assert all(line.startswith(("tuning_fork: error: ", "tuning_fork: error (rank 1): ")) for line in errors)
+    assert sum(line.startswith("tuning_fork: error: ") for line in errors) <= 1, errors  # rank 0's, if any
 
 
 def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):

@@ -35,7 +35,10 @@ def fail(message: str, code: int = 2) -> None:
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise TuningForkError(message)
-    print(f"tuning_fork: error: {message}", file=sys.stderr)
+    from .distributed import launched_rank
+
+    rank = launched_rank()  # under mlx.launch every rank may report the same error: say whose line it is
+    print(f"tuning_fork: error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
     sys.exit(code)
 
 
