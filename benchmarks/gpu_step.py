@@ -92,6 +92,7 @@ def main():
 
     pace = HostPace(direct)
     for _ in range(WARMUP):
+        pace.before(B * T)
         value, _ = run()
         mx.eval(state, value)
         pace.stepped(True)

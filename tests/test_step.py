@@ -25,9 +25,10 @@ def test_direct_cuda_launches_leaves_other_devices_alone(monkeypatch):
     assert all((key in os.environ) is mx.cuda.is_available() for key in CUDA_LAUNCHES)
 
 
-def test_host_pace_runs_until_the_first_update_in_order_then_caps_memory_at_its_peak():
-    """Strictly ordered steps (a one-byte memory limit) compute what unpaced steps compute; the limit then
-    becomes the peak the first update needed, and closing restores the limit that was there before."""
+def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps_memory():
+    """A step runs strictly in order (a one-byte memory limit) until the first update and whenever its batch
+    is bigger than any before; after it the limit is just under the peak so far. Paced steps compute what
+    unpaced ones do, and closing restores the limit that was there before."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.models import llama
@@ -38,6 +39,11 @@ def test_host_pace_runs_until_the_first_update_in_order_then_caps_memory_at_its_
     import_tuner()
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    rng = np.random.default_rng(0)
+    shapes = [(4, 17), (4, 17), (4, 17), (8, 33), (4, 17), (8, 33)]  # (rows, length + 1) per step
+    batches = [mx.array(rng.integers(0, 100, shape)) for shape in shapes]
+    strict_at = [1, 2, 4]  # the first update is step 2 (accumulation 2); step 4 is the first bigger batch
+
     def losses(paced: bool) -> list[float]:
         mx.random.seed(0)
         model = llama.Model(llama.ModelArgs.from_dict(dict(
@@ -46,18 +52,22 @@ def test_host_pace_runs_until_the_first_update_in_order_then_caps_memory_at_its_
         model.freeze()
         linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
         step, state = make_step(model, optim.Adam(learning_rate=1e-2), accumulation=2)
-        tokens = mx.array(np.random.default_rng(0).integers(0, 100, (4, 17)))
-        batch, grad, out, cap = (tokens, mx.ones((4, 16), dtype=mx.bool_)), None, [], None
+        grad, out, cap = None, [], None
         before = limit_now()
         pace = HostPace(paced)
-        for n in range(1, 5):
-            value, _, grad = step(batch, grad, n % 2 == 0)
+        for n, tokens in enumerate(batches, 1):
+            pace.before(tokens.size)
+            if paced:
+                assert (limit_now() == 1) == (n in strict_at), n
+            value, _, grad = step((tokens, mx.ones((tokens.shape[0], tokens.shape[1] - 1), dtype=mx.bool_)),
+                                  grad, n % 2 == 0)
             mx.eval(state, value, grad)
             pace.stepped(n % 2 == 0)
             out.append(value.item())
-            if paced:  # strict until the first update (step 2), then capped at the peak it needed
-                cap = cap or (int(mx.get_peak_memory() * HEADROOM) if n == 2 else None)
-                assert limit_now() == (1 if n < 2 else cap) and (cap or 2) > 1
+            if paced:
+                if n in strict_at:
+                    cap = int(mx.get_peak_memory() * HEADROOM)
+                assert limit_now() == cap > 1, n
         pace.close()
         assert limit_now() == before
         return out

@@ -148,24 +148,33 @@ HEADROOM = 0.99
 
 class HostPace:
     """Launching directly, the host runs far ahead of the GPU and allocates the buffers of work still queued:
-    peak memory grew 64% at 1B. So training starts strictly in order — under a memory limit of one byte MLX
-    waits for queued work before evaluating more — until the first optimizer update; then the limit becomes
-    just under the peak that needed, and the host runs ahead only while memory stays within it. Peak memory
-    then stays at or below that of mlx-lm's graph-launched step (88.8 vs 90.0 GB at 8B, 26.2 vs 32.5 at 1B)."""
+    peak memory grew 64% at 1B. So a step runs strictly in order — under a memory limit of one byte MLX
+    waits for queued work before evaluating more — until the first optimizer update and whenever a batch is
+    bigger than any before it (length-bucketed batches vary); after each such step the limit becomes just
+    under the peak so far, and the host runs ahead only while memory stays within it. Peak memory then stays
+    at or below that of mlx-lm's graph-launched step (88.8 vs 90.0 GB at 8B, 26.2 vs 32.5 at 1B)."""
 
     def __init__(self, active: bool):
         import mlx.core as mx
 
-        self.strict = active
+        self.active, self.strict, self.updated, self.largest = active, False, False, 0
         self.previous = mx.set_memory_limit(1) if active else None
 
-    def stepped(self, update: bool) -> None:
-        """After a step has been evaluated; `update`: it applied the optimizer."""
+    def before(self, batch_size: int) -> None:
+        """Before a step on a batch of `batch_size` array elements (rows x length)."""
         import mlx.core as mx
 
-        if self.strict and update:  # a hair under: the host may pass the limit by one batch of kernels
+        if self.active and (batch_size > self.largest or not self.updated):
+            self.strict, self.largest = True, max(self.largest, batch_size)
+            mx.set_memory_limit(1)
+
+    def stepped(self, update: bool) -> None:
+        """After the step has been evaluated; `update`: it applied the optimizer."""
+        import mlx.core as mx
+
+        if self.strict:  # a hair under the peak: the host may pass the limit by one batch of kernels
             mx.set_memory_limit(max(1, int(mx.get_peak_memory() * HEADROOM)))
-            self.strict = False
+            self.strict, self.updated = False, self.updated or update
 
     def close(self) -> None:
         import mlx.core as mx

@@ -144,7 +144,9 @@ def train(cfg: DictConfig) -> dict:
                 tic = time.perf_counter()
                 mx.random.seed(cfg.seed * 1_000_003 + done)  # dropout's draws depend on the step alone
                 boundary = done % s.grad_accumulation_steps == 0 or done == iters
-                value, toks, grad = step(next(batches), grad, boundary)
+                batch = next(batches)
+                pace.before(batch[0].size)
+                value, toks, grad = step(batch, grad, boundary)
                 mx.eval(state_arrays, value, toks, grad)
                 pace.stepped(boundary)
                 window_loss += value.item()
