@@ -73,3 +73,30 @@ def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps
         return out
 
     assert losses(True) == pytest.approx(losses(False), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_paced_training_run_matches_an_unpaced_one(tmp_path, monkeypatch):
+    """The training loop with pacing on (as on CUDA; forced here on the CPU) over length-bucketed batches of
+    varying sizes: the same losses as without, and MLX's memory limit is given back afterwards."""
+    import json
+
+    from tuning_fork import train as train_module
+
+    from .conftest import make_data
+    from .test_config import compose_cfg
+
+    folder = make_data(tmp_path / "d", n_train=40, n_valid=8)
+    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    for rec in records[::5]:  # some long records, so that batches differ in size
+        rec["messages"][1]["content"] += " and that is all there is to it" * 6
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ("data=jsonl", f"data.path={folder}", "schedule.epochs=2", "schedule.batch_size=4",
+              "schedule.grad_accumulation_steps=2", "schedule.learning_rate=1e-3")
+    before = limit_now()
+    plain = train_module.train(compose_cfg(*common, f"output_dir={tmp_path / 'plain'}"))
+    monkeypatch.setattr(train_module, "direct_cuda_launches", lambda: True)
+    paced = train_module.train(compose_cfg(*common, f"output_dir={tmp_path / 'paced'}"))
+    assert limit_now() == before
+    for key in ("first_val_loss", "val_loss", "train_loss"):
+        assert paced[key] == pytest.approx(plain[key], rel=1e-5), key
