@@ -2,7 +2,8 @@
 
 import json
 
-from tuning_fork.plot import find_runs, main, read_metrics
+from tuning_fork.plot import find_runs, main
+from tuning_fork.tracking import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

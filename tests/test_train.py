@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import make_data, read_metrics, run_cli
+from .conftest import make_data, read_metrics
 from .test_config import compose_cfg
 
 pytestmark = pytest.mark.slow

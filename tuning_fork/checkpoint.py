@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from . import models
+from .distributed import launched_rank
 from .errors import TuningForkError
 
 NUMBERED = "[0-9]" * 7
@@ -149,7 +150,7 @@ def resume_command(run_dir: Path) -> str:
         if HydraConfig.initialized():
             overrides = [o for o in HydraConfig.get().overrides.task
                          if not o.startswith(("hydra.run.dir=", "resume="))]
-            if os.environ.get("MLX_RANK", "0") == "0":
+            if launched_rank() == 0:
                 run_dir = Path(HydraConfig.get().runtime.output_dir)  # a pipeline's folder, not its stage's
     except Exception:  # not under Hydra (a test calling train directly): the folder says enough
         pass

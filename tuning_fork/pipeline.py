@@ -9,7 +9,6 @@ the first stage trains.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from hydra import compose

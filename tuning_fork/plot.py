@@ -8,22 +8,11 @@ jobs, each plotted as its own curve. One run's picture goes to RUN/loss.png; sev
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .cli import command_error
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """A run's reports, one per line of metrics.jsonl; a cut-short last line (a killed run) is skipped."""
-    rows = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+from .tracking import read_metrics
 
 
 def find_runs(folder: Path) -> list[Path]:

@@ -132,8 +132,9 @@ CUDA_LAUNCHES = {"MLX_USE_CUDA_GRAPHS": "0", "MLX_MAX_OPS_PER_BUFFER": "5"}
 def direct_cuda_launches() -> bool:
     """On CUDA, have MLX launch kernels directly, five to a batch of work, instead of building a CUDA graph
     for every twenty: building the graphs holds the host back more than launching saves (on an H200,
-    +10-24% tokens/s at 1B 8x1024, +4-11% at 8B 4x2048; BENCHMARKS.md). Call before the first kernel runs; MLX reads
-    these once. Values the user exported win. Returns whether kernels launch directly (see HostPace)."""
+    +10-24% tokens/s at 1B 8x1024, +4-11% at 8B 4x2048; BENCHMARKS.md). Call before the first kernel
+    runs; MLX reads these once. Values the user exported win. Returns whether kernels launch directly
+    (see HostPace)."""
     import mlx.core as mx
 
     if not mx.cuda.is_available():
@@ -158,7 +159,7 @@ class HostPace:
         import mlx.core as mx
 
         self.active, self.strict, self.updated, self.largest = active, False, False, 0
-        self.previous = mx.set_memory_limit(1) if active else None
+        self.previous = mx.get_memory_limit() if active else None
 
     def before(self, batch_size: int) -> None:
         """Before a step on a batch of `batch_size` array elements (rows x length)."""

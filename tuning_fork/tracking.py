@@ -10,6 +10,17 @@ from pathlib import Path
 SECRET_WORDS = ("key", "token", "secret", "password")
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's reports, one per line of metrics.jsonl; a line a crash cut short is skipped."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 class Metrics:
     """Appends one JSON object per report to metrics.jsonl and keeps what a sweep needs to optimize.
 
@@ -48,15 +59,8 @@ class Metrics:
     def resume(self, upto: int) -> None:
         """Continue a run from step `upto`: keep the reports up to it (rewritten atomically) and drop the
         rest, which the resumed run reports again; so the file stays one continuous record."""
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a crash cut short
-                if rec.get("iteration", 0) <= upto and "test_loss" not in rec:
-                    kept.append(rec)
+        kept = [rec for rec in read_metrics(self.path.parent)
+                if rec.get("iteration", 0) <= upto and "test_loss" not in rec] if self.path.exists() else []
         if self.write:
             tmp = self.path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
