@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return fail("plotting needs matplotlib: pip install matplotlib (or the project's `sweep` extra)")
+        return fail("plotting needs matplotlib, which tuning_fork installs: pip install matplotlib")
     out = args.out or (runs[0] / "loss.png" if len(runs) == 1 else Path("loss.png"))
     if not out.parent.is_dir():
         return fail(f"--out {out}: no folder {out.parent}")
