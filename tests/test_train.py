@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import make_data, read_metrics
+from .conftest import ROOT, make_data, read_metrics
 from .test_config import compose_cfg
 
 pytestmark = pytest.mark.slow
@@ -133,3 +133,19 @@ def test_wandb_offline_run_lives_in_the_run_folder(tmp_path):
     import wandb
 
     assert wandb.run is None  # finished: the next job gets its own run
+
+
+def test_a_run_without_wandb_does_not_import_it(tmp_path):
+    """mlx-lm's tuner package would import W&B (1.2 s of every start); a run that does not log to W&B
+    must not pay for it."""
+    folder = make_data(tmp_path / "data")
+    code = ("import sys\n"
+            "from tuning_fork.train import train\n"
+            "from tests.test_config import compose_cfg\n"
+            f"train(compose_cfg('data=jsonl', 'data.path={folder}', 'output_dir={tmp_path / 'run'}', "
+            "'schedule.iters=2', 'schedule.epochs=null'))\n"
+            "print('WANDB', 'wandb' in sys.modules, 'mlx_lm.tuner' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WANDB False True" in proc.stdout  # the tuner (LoRA layers) is there; W&B is not
