@@ -10,9 +10,15 @@ register()
 
 
 def app(cfg: DictConfig) -> dict:
+    from .distributed import launched_rank
+    from .train import output_dir
+
+    if launched_rank() == 0:  # Hydra saved the command line in .hydra/: no credential stays there
+        from .tracking import scrub_hydra_files
+
+        scrub_hydra_files(output_dir(cfg))
     if cfg.pipeline.stages:
         from .pipeline import run_pipeline
-        from .train import output_dir
 
         return run_pipeline(cfg, output_dir(cfg))
     if cfg.summary:
@@ -31,10 +37,15 @@ def main(cfg: DictConfig):
     return metrics.get(cfg.optimized_metric)  # what a sweeper optimizes
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m tuning_fork` and the `tuning-fork` console script."""
     import sys
 
     from .distributed import hydra_overrides_for_followers
 
     sys.argv += hydra_overrides_for_followers()  # ranks > 0 of an mlx.launch run write no folder of their own
     main()
+
+
+if __name__ == "__main__":
+    cli()

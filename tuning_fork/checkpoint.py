@@ -18,11 +18,13 @@ import shutil
 import signal
 import sys
 import threading
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import models
 from .distributed import launched_rank
-from .errors import TuningForkError
+from .errors import ConfigError, TuningForkError
+from .evaluation import Best
 
 NUMBERED = "[0-9]" * 7
 
@@ -35,6 +37,41 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class Window:
+    """The open report window: what the steps since the last training report add up to."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Where a run is: saved in every checkpoint's state.json, restored by resume=true."""
+
+    step: int = 0  # optimizer steps (iterations) done
+    trained_tokens: int = 0
+    window: Window = field(default_factory=Window)
+    wandb_id: str | None = None
+    config: dict = field(default_factory=dict)  # the resolved config: a resume must use the same
+    best: Best = field(default_factory=Best)  # the monitored metric's best value, and early stopping's count
+    stopped_early: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainState":
+        window = d.get("window") or {}
+        window = Window(*window) if isinstance(window, list) else Window(**window)  # (a list before 0.2)
+        best = Best(**d["best"]) if d.get("best") else Best()
+        return cls(step=d["step"], trained_tokens=d.get("trained_tokens", 0), window=window,
+                   wandb_id=d.get("wandb_id"), config=d.get("config", {}), best=best,
+                   stopped_early=d.get("stopped_early", False))
+
+
 class Checkpoints:
     def __init__(self, run_dir: Path, keep: int | None = None):
         self.adapters = run_dir / "adapters"
@@ -42,7 +79,7 @@ class Checkpoints:
         self.keep = keep
         self.last: int | None = None
 
-    def save(self, done: int, model, optimizer, state: dict) -> None:
+    def save(self, done: int, model, optimizer, state: TrainState) -> None:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
@@ -55,7 +92,7 @@ class Checkpoints:
         tmp.mkdir()
         arrays = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), arrays)
-        (tmp / "state.json").write_text(json.dumps({**state, "step": done}, indent=1))
+        (tmp / "state.json").write_text(json.dumps({**state.to_json(), "step": done}, indent=1))
         for f in (weights, tmp / "optimizer.safetensors", tmp / "state.json"):
             _fsync(f)
         final = self.folder / f"{done:07d}"
@@ -85,8 +122,18 @@ class Checkpoints:
                 return folder
         return None
 
-    def restore(self, folder: Path, model, optimizer) -> dict:
-        """Load a checkpoint's weights and optimizer state; return its state.json. (The random generator
+    def save_best(self, model) -> Path:
+        """The adapters of the best validation so far: adapters/best/, a folder mlx_lm.load takes as
+        adapter_path (its adapter_config.json is the run's). Each file is renamed into place."""
+        folder = self.adapters / "best"
+        models.save_adapters(model, folder)
+        tmp = folder / ".adapter_config.json.tmp"
+        shutil.copyfile(self.adapters / "adapter_config.json", tmp)
+        os.replace(tmp, folder / "adapter_config.json")
+        return folder
+
+    def restore(self, folder: Path, model, optimizer) -> TrainState:
+        """Load a checkpoint's weights and optimizer state; return its state. (The random generator
         needs nothing: the loop seeds it from the seed and the step before every step.)"""
         import mlx.core as mx
         from mlx.utils import tree_unflatten
@@ -94,9 +141,51 @@ class Checkpoints:
         model.load_weights(str(self.adapters / f"{folder.name}_adapters.safetensors"), strict=False)
         arrays = mx.load(str(folder / "optimizer.safetensors"))
         optimizer.state = tree_unflatten([(k[len("optimizer."):], v) for k, v in arrays.items()])
-        state = json.loads((folder / "state.json").read_text())
-        self.last = state["step"]
+        state = TrainState.from_json(json.loads((folder / "state.json").read_text()))
+        self.last = state.step
         return state
+
+
+# ------------------------------------------------------------------------------------------ resume policy
+
+
+def find_resume(cfg, run_dir: Path, checkpoints: Checkpoints) -> Path | None:
+    """The checkpoint to continue from (resume=true), or None for a new run; never a new run over an old one."""
+    if cfg.resume:
+        if (run_dir / "results.json").exists() and not (run_dir / "results.json").read_text().count('"pruned"'):
+            raise ConfigError(f"resume=true: {run_dir} holds a finished run (results.json): nothing to resume")
+        latest = checkpoints.latest()
+        if latest is None:
+            raise ConfigError(f"resume=true: {run_dir} holds no checkpoint ({checkpoints.folder.name}/ is empty "
+                              "or missing): start the run without resume=true, or point hydra.run.dir at "
+                              "the interrupted run's folder")
+        return latest
+    for name in ("adapters/adapters.safetensors", "metrics.jsonl", "checkpoints"):
+        if (run_dir / name).exists():
+            raise ConfigError(f"{run_dir} already holds a run ({name}): add resume=true to continue it, or "
+                              "choose a new hydra.run.dir (or move that folder away)")
+    return None
+
+
+IGNORED_ON_RESUME = ("resume", "output_dir", "wandb")
+
+
+def check_same_config(saved: dict, now: dict, folder: Path) -> None:
+    """A resumed run must be the run that stopped: same model, data, schedule and adapter."""
+
+    def walk(a, b, prefix=""):
+        for key in sorted(set(a) | set(b)):
+            path = f"{prefix}{key}"
+            if not prefix and key in IGNORED_ON_RESUME:
+                continue
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, path + ".")
+            elif x != y:
+                raise ConfigError(f"resume=true: {path}={y!r}, but the interrupted run used {path}={x!r} "
+                                  f"({folder}/state.json): resume with the same settings")
+
+    walk(saved, now)
 
 
 class StopSignals:

@@ -24,8 +24,8 @@ def run_app(fn, cfg):
             if head.startswith(f"{kind} raised while resolving interpolation: "):
                 fail(head.split(": ", 1)[1])
         raise
-    except KeyboardInterrupt:
-        fail("interrupted")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops cleanly by itself): 128 + SIGINT
+        fail("interrupted", 130)
 
 
 def fail(message: str, code: int = 2) -> None:

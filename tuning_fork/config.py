@@ -66,6 +66,14 @@ def derived(key: str):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # validations without an improvement before the run ends; null: never
+    min_delta: float = 0.0  # an improvement must be larger than this to count
+    metric: str = "val_loss"  # the monitored metric (also picks the best adapter): val_loss or val_<task metric>
+    mode: str = "auto"  # auto (task metrics up, losses down) | min | max
+
+
+@dataclass
 class ScheduleConfig:
     batch_size: int = 4  # global: split across data-parallel ranks
     learning_rate: float = 1e-5
@@ -96,6 +104,8 @@ class ScheduleConfig:
     val_batches: int = derived("val_batches")  # -1: the whole validation set
     test_batches: int = -1
     keep_checkpoints: Optional[int] = None  # numbered checkpoints to keep (the newest); null: all
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    final_validation: str = "full"  # full: the last validation also scores the whole split | sample
     made_for: Optional[str] = None  # the model.path this schedule is a recipe for (schedule=demo: tiny)
 
 
@@ -123,6 +133,23 @@ class PromptConfig:
 
 
 @dataclass
+class GenerateEvalConfig:
+    records: int = 0  # validation records answered greedily at each validation; 0: off
+    max_tokens: int = 64
+    metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l"])
+
+
+@dataclass
+class EvalConfig:
+    generate: GenerateEvalConfig = field(default_factory=GenerateEvalConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "sft"  # sft: next-token loss on the targets of each record
+
+
+@dataclass
 class WandbConfig:
     project: Optional[str] = None  # null: no W&B
     run: Optional[str] = None
@@ -142,6 +169,7 @@ class StageConfig:
 class PipelineConfig:
     stages: List[StageConfig] = field(default_factory=list)  # empty: a single run, no pipeline
     only: Optional[str] = None  # run this stage alone (chained from an earlier stage's folder if present)
+    carry: str = "best"  # what the next stage starts from: the stage's best adapters, or its last
 
 
 @dataclass
@@ -159,9 +187,11 @@ class OptunaTrialConfig:
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    schedule: ScheduleConfig = MISSING
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     adapter: AdapterConfig = MISSING
     prompt: PromptConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = 0
     output_dir: Optional[str] = None  # where the run writes; null: Hydra's run folder
@@ -181,6 +211,7 @@ class GenerateConfig:
     adapter: Any = None  # likewise
     run: Optional[str] = None  # a training run folder: its base model and adapters in one word
     adapter_path: Optional[str] = None
+    checkpoint: str = "best"  # with run=: its best adapters (adapters/best, when it has them) or its last
     temperature: float = 0.0  # 0: greedy
     num_tokens: int = 256
     top_p: float = 1.0  # 1: off
@@ -197,7 +228,11 @@ class GenerateConfig:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="tuning_fork_schema", node=Config, replace=True)
+    node = OmegaConf.structured(Config)
+    # any name goes in optimizer_args (`schedule.optimizer_args.weight_decay=0.01`, no `+`); the optimizer
+    # checks the names it takes (step.check_optimizer_args)
+    OmegaConf.set_struct(node.schedule.optimizer_args, False)
+    ConfigStore.instance().store(name="tuning_fork_schema", node=node, replace=True)
     ConfigStore.instance().store(name="tuning_fork_generate_schema", node=GenerateConfig, replace=True)
 
 
@@ -260,3 +295,62 @@ def check(cfg) -> None:
     q = cfg.model.quantize_bits
     if q is not None and q not in (2, 3, 4, 5, 6, 8):
         bad("model.quantize_bits", q, "use 2, 3, 4, 5, 6 or 8")
+    if a.type == "full" and q is not None:
+        bad("model.quantize_bits", q, "adapter=full cannot train a quantized model: use adapter=qlora, or "
+            "model.quantize_bits=null")
+    if s.made_for and s.made_for != cfg.model.path:
+        raise ConfigError(f"model.path={cfg.model.path} with the built-in model's recipe (schedule=demo: learning "
+                          f"rate {s.learning_rate:g}) that model=tiny brought: choose a schedule "
+                          "for this model, e.g. schedule=default or schedule=epochs3, or a preset such as model=mistral")
+    check_evaluation(cfg)
+
+
+def check_evaluation(cfg) -> None:
+    """Early stopping, the final validation, task metrics and what the next stage starts from."""
+    from .evaluation import SCORERS
+
+    def bad(key, value, want):
+        raise ConfigError(f"{key}={value!r} is invalid: {want}")
+
+    es, g = cfg.schedule.early_stopping, cfg.eval.generate
+    if es.patience is not None and es.patience < 1:
+        bad("schedule.early_stopping.patience", es.patience, "use at least 1 validation, or null (never stop early)")
+    if es.min_delta < 0:
+        bad("schedule.early_stopping.min_delta", es.min_delta, "use 0 or a positive number")
+    if es.mode not in ("auto", "min", "max"):
+        bad("schedule.early_stopping.mode", es.mode, "choose auto, min or max")
+    if cfg.schedule.final_validation not in ("full", "sample"):
+        bad("schedule.final_validation", cfg.schedule.final_validation, "choose full or sample")
+    if g.records < 0 or g.max_tokens < 1:
+        bad("eval.generate.records" if g.records < 0 else "eval.generate.max_tokens",
+            g.records if g.records < 0 else g.max_tokens, "use records >= 0 (0: off) and max_tokens >= 1")
+    if unknown := [m for m in g.metrics if m not in SCORERS]:
+        bad("eval.generate.metrics", unknown, f"choose from {', '.join(SCORERS)}")
+    monitored = ["val_loss"] + ([f"val_{m}" for m in g.metrics] if g.records else [])
+    if es.metric not in monitored:
+        bad("schedule.early_stopping.metric", es.metric, f"choose one the run logs: {', '.join(monitored)}"
+            + ("" if g.records else " (task metrics need eval.generate.records > 0)"))
+    if cfg.pipeline.carry not in ("best", "last"):
+        bad("pipeline.carry", cfg.pipeline.carry, "choose best or last")
+
+
+def result_metrics(cfg, has_test: bool) -> list[str]:
+    """The names train() returns, which optimized_metric may name."""
+    names = ["best_val_loss", "val_loss", "first_val_loss", "train_loss", "best_iteration"]
+    if cfg.schedule.final_validation == "full":
+        names.append("val_loss_full")
+    if cfg.eval.generate.records:
+        for m in cfg.eval.generate.metrics:
+            names += [f"val_{m}", f"best_val_{m}"]
+    if has_test:
+        names += ["test_loss", "test_ppl"]
+    return names
+
+
+def check_optimized_metric(cfg, has_test: bool) -> None:
+    names = result_metrics(cfg, has_test)
+    if cfg.optimized_metric not in names:
+        hint = " (test_loss needs a test split: test.jsonl, or data.test_split)" if "test" in cfg.optimized_metric \
+            else ""
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric!r}: this run does not log it{hint}; choose one "
+                          f"of {', '.join(names)}")

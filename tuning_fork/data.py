@@ -196,14 +196,7 @@ def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int],
                 ids.append(tokenizer.eos_token_id)
             out.append((ids, 0))
             continue
-        if split.format == "completions":
-            messages = [{"role": "user", "content": rec[fields.prompt_feature]},
-                        {"role": "assistant", "content": rec[fields.completion_feature]}]
-            if prompt.system:
-                messages.insert(0, {"role": "system", "content": prompt.system})
-        else:
-            messages = rec[fields.chat_feature]
-        tools = rec.get("tools")
+        messages, tools = conversation(rec, split.format, fields, prompt)
         ids = _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=False)
         offset = 0
         if data.mask_prompt:
@@ -211,6 +204,29 @@ def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int],
             offset = len(_encode_chat(tokenizer, prompt.format, messages[:-1], tools, add_generation_prompt=gen))
         out.append((ids, offset))
     return out
+
+
+def conversation(rec: dict, fmt: str, data, prompt) -> tuple[list, object]:
+    """A completions or chat record as (messages, tools), the system prompt of `prompt` included."""
+    if fmt == "completions":
+        messages = [{"role": "user", "content": rec[data.prompt_feature]},
+                    {"role": "assistant", "content": rec[data.completion_feature]}]
+        if prompt.system:
+            messages.insert(0, {"role": "system", "content": prompt.system})
+        return messages, None
+    return rec[data.chat_feature], rec.get("tools")
+
+
+def generation_prompt(rec: dict, tokenizer, data, prompt) -> tuple[list[int], str]:
+    """(prompt tokens up to the last assistant turn, with the generation prompt; that turn's text): what a
+    task metric asks the model and the reference it scores the answer against."""
+    fmt = "completions" if data.prompt_feature in rec and data.completion_feature in rec else "chat"
+    messages, tools = conversation(rec, fmt, data, prompt)
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        return _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=True), ""
+    return (_encode_chat(tokenizer, prompt.format, messages[:last], tools, add_generation_prompt=True),
+            messages[last].get("content") or "")
 
 
 def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
@@ -226,28 +242,45 @@ def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
                             add_special_tokens=False)
 
 
+def targets(ids: list[int], offset: int, limit: int) -> int:
+    """How many tokens of a record the loss counts once it is cut to `limit` tokens (see collate)."""
+    return min(len(ids), limit) - max(offset, 1)
+
+
 def limit_lengths(encoded: list, split: Split, data) -> tuple[list, str | None]:
-    """Apply data.too_long to the records over data.max_seq_length tokens; say what was done, if anything."""
+    """Apply data.too_long to the records over data.max_seq_length tokens, and to the records left with no
+    target token (a prompt as long as the limit under mask_prompt: it would train on nothing, and a batch
+    of them would divide 0 by 0); say what was done, if anything."""
     limit = data.max_seq_length
     long = [i for i, (ids, _) in enumerate(encoded) if len(ids) > limit]
-    if not long:
-        return encoded, None
-    longest = max(len(encoded[i][0]) for i in long)
-    where = f"{split.origin}:{split.lines[long[0]]}"
-    if data.too_long == "error":
-        raise DataError(f"{where}: {len(long)} of {len(encoded)} {split.name} records are longer than "
-                        f"data.max_seq_length={limit} tokens (longest {longest}): raise it, or set "
-                        "data.too_long=truncate or drop")
-    if data.too_long == "drop":
-        keep = set(range(len(encoded))) - set(long)
-        if not keep:
-            raise DataError(f"{split.origin}: every {split.name} record is longer than data.max_seq_length={limit} "
-                            "tokens, so data.too_long=drop leaves none: raise data.max_seq_length")
-        encoded = [encoded[i] for i in sorted(keep)]
-    done = "dropped" if data.too_long == "drop" else "truncated"
-    return encoded, (f"{split.name}: {len(long)} of {len(long) + len(encoded) if done == 'dropped' else len(encoded)} "
-                     f"records are longer than data.max_seq_length={limit} tokens (longest {longest}, first at "
-                     f"{where}): {done} (data.too_long=truncate|drop|error)")
+    empty = [i for i, (ids, offset) in enumerate(encoded) if targets(ids, offset, limit) <= 0]
+    notes = []
+    if long:
+        longest = max(len(encoded[i][0]) for i in long)
+        where = f"{split.origin}:{split.lines[long[0]]}"
+        if data.too_long == "error":
+            raise DataError(f"{where}: {len(long)} of {len(encoded)} {split.name} records are longer than "
+                            f"data.max_seq_length={limit} tokens (longest {longest}): raise it, or set "
+                            "data.too_long=truncate or drop")
+        done = "dropped" if data.too_long == "drop" else "truncated"
+        notes.append(f"{split.name}: {len(long)} of {len(encoded)} records are longer than data.max_seq_length="
+                     f"{limit} tokens (longest {longest}, first at {where}): {done} (data.too_long=truncate|drop|error)")
+    drop = set(long) if data.too_long == "drop" else set()
+    if empty := [i for i in empty if i not in drop]:
+        where = f"{split.origin}:{split.lines[empty[0]]}"
+        what = (f"{len(empty)} of {len(encoded)} {split.name} records have no target token within data.max_seq_length="
+                f"{limit} (the prompt fills it; first at {where})")
+        if data.too_long == "error":
+            raise DataError(f"{where}: {what}: raise data.max_seq_length, shorten the prompts, or set "
+                            "data.too_long=drop")
+        notes.append(f"{what}: dropped, as they would train on nothing")
+        drop |= set(empty)
+    if drop:
+        encoded = [rec for i, rec in enumerate(encoded) if i not in drop]
+        if not encoded:
+            raise DataError(f"{split.origin}: no {split.name} record is left with a target token within "
+                            f"data.max_seq_length={limit}: raise data.max_seq_length")
+    return encoded, "; ".join(notes) or None
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -255,6 +288,20 @@ def limit_lengths(encoded: list, split: Split, data) -> tuple[list, str | None]:
 
 def _windows(order, size: int):
     return [order[w:w + size] for w in range(0, len(order), size)]
+
+
+def merge_short_tail(batches: list, min_batch: int) -> list:
+    """A last batch smaller than `min_batch` (the data-parallel ranks) joins the one before it, so that
+    every rank gets at least one row."""
+    if len(batches) > 1 and len(batches[-1]) < min_batch:
+        last = batches.pop()
+        batches[-1] = [*batches[-1], *last]
+    return batches
+
+
+def pad_width(longest: int, max_seq_length: int) -> int:
+    """The row width for a longest row of `longest` tokens: a multiple of PAD_TO, at most max_seq_length."""
+    return min(max_seq_length, PAD_TO * -(-longest // PAD_TO))
 
 
 def batch_order(lengths, batch_size: int, seed: int, epoch: int, min_batch: int = 1) -> list[list[int]]:
@@ -270,9 +317,7 @@ def batch_order(lengths, batch_size: int, seed: int, epoch: int, min_batch: int 
     for chunk in _windows(idx, batch_size * 16):
         chunk = sorted(chunk, key=lambda i: lengths[i])
         batches += _windows(chunk, batch_size)
-    if len(batches) > 1 and len(batches[-1]) < min_batch:
-        last = batches.pop()
-        batches[-1] = [*batches[-1], *last]
+    batches = merge_short_tail(batches, min_batch)
     order = rng.permutation(len(batches))
     return [[int(i) for i in batches[o]] for o in order]
 
@@ -310,11 +355,7 @@ def pack_order(lengths, batch_size: int, max_seq_length: int, seed: int, epoch: 
                 rows.append([r])
             bisect.insort(free, (room - sizes[r], row))
     rows = [rows[o] for o in rng.permutation(len(rows))]
-    batches = _windows(rows, batch_size)
-    if len(batches) > 1 and len(batches[-1]) < min_batch:
-        last = batches.pop()
-        batches[-1] = [*batches[-1], *last]
-    return batches
+    return merge_short_tail(_windows(rows, batch_size), min_batch)
 
 
 def collate(rows, max_seq_length: int):
@@ -323,7 +364,7 @@ def collate(rows, max_seq_length: int):
     import mlx.core as mx
 
     lengths = [min(len(ids), max_seq_length) for ids, _ in rows]
-    width = min(max_seq_length, PAD_TO * -(-max(lengths) // PAD_TO))
+    width = pad_width(max(lengths), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width - 1), bool)
     for j, (ids, offset) in enumerate(rows):
@@ -338,7 +379,7 @@ def collate_packed(rows, max_seq_length: int):
     import mlx.core as mx
 
     totals = [sum(min(len(ids), max_seq_length) for ids, _ in row) for row in rows]
-    width = min(max_seq_length, PAD_TO * -(-max(totals) // PAD_TO))
+    width = pad_width(max(totals), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width - 1), bool)
     segments = np.zeros((len(rows), width), np.int32)
@@ -357,8 +398,8 @@ class Batcher:
     """Batches of our data, length-aware, seeded, and training the last partial batch.
 
     `train(dataset, start)` yields training batches forever from step `start` on (a resumed run picks up
-    where it stopped); calling the batcher itself is mlx-lm's `iterate_batches` for evaluation: a fixed
-    order, sorted by length. With several data-parallel ranks each rank takes its share of every batch."""
+    where it stopped); `fixed(dataset, indices)` yields evaluation batches in a fixed order, sorted by
+    length. With several data-parallel ranks each rank takes its share of every batch."""
 
     def __init__(self, batch_size: int, max_seq_length: int, seed: int = 0, packing: bool = False,
                  rank: int = 0, size: int = 1):
@@ -389,12 +430,14 @@ class Batcher:
                 done += 1
             epoch += 1
 
-    def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None) -> Iterator:
+    def fixed(self, dataset, indices: list[int] | None = None) -> Iterator:
+        """Evaluation batches over `indices` (default: every record) in a fixed order, sorted by length so
+        that rows of a batch are alike; each rank takes its share of every batch."""
         lengths = [len(ids) for ids, _ in dataset]
-        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-        batches = _windows(order, batch_size)
-        if len(batches) > 1 and len(batches[-1]) < self.size:
-            last = batches.pop()
-            batches[-1] = [*batches[-1], *last]
-        for batch in batches:
-            yield collate([dataset[i] for i in batch[self.rank::self.size]], max_seq_length)
+        order = sorted(range(len(dataset)) if indices is None else indices, key=lambda i: (lengths[i], i))
+        for batch in merge_short_tail(_windows(order, self.batch_size), self.size):
+            yield collate([dataset[i] for i in batch[self.rank::self.size]], self.max_seq_length)
+
+    def count(self, n: int) -> int:
+        """How many evaluation batches `n` records make."""
+        return len(merge_short_tail(_windows(list(range(n)), self.batch_size), self.size))

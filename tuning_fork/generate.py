@@ -69,6 +69,10 @@ def choose_model(cfg):
             raise ConfigError(f"run={cfg.run}: no adapters/adapter_config.json there: point run= at a finished "
                               "training run's folder")
         adapters = str(run / "adapters")
+        if cfg.checkpoint not in ("best", "last"):
+            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is invalid: choose best or last")
+        if cfg.checkpoint == "best" and (run / "adapters" / "best" / "adapters.safetensors").exists():
+            adapters = str(run / "adapters" / "best")
         saved = run / ".hydra" / "config.yaml"
         if fmt == "tokenizer" and saved.exists():  # prompt the model as it was trained
             fmt = OmegaConf.load(saved).get("prompt", {}).get("format", fmt)

@@ -257,10 +257,31 @@ def write_json(path: Path, obj) -> None:
 # ----------------------------------------------------------------------------------------------- chaining
 
 
-def read_run(folder: str) -> tuple[Path, dict]:
-    """The adapters folder of a finished run or stage (or an adapters folder itself) and its config."""
+def check_trainable(base: str, adapter) -> None:
+    """adapter=full on an already quantized model is refused before its weights load."""
+    config = Path(base) / "config.json"
+    if adapter.type == "full" and config.exists() and "quantization" in json.loads(config.read_text()):
+        raise ConfigError(f"adapter=full cannot train a quantized model ({base} is quantized): use adapter=lora "
+                          "(QLoRA) or an unquantized model.path")
+
+
+def chain_source(cfg, build: bool = False) -> tuple[str, Path, dict]:
+    """(base model, adapters folder, its adapter_config) of a run chained from `init_from`: its best
+    adapters unless pipeline.carry=last. After a full fine-tune the base is that run's updated weights,
+    a model folder written once when `build` (before that, its own base, for the tokenizer)."""
+    source, previous = read_run(cfg.init_from, cfg.pipeline.carry)
+    if previous.get("fine_tune_type") != "full" or not build:
+        return previous["model"], source, previous
+    return chain_base(source, previous), source, previous
+
+
+def read_run(folder: str, carry: str = "last") -> tuple[Path, dict]:
+    """The adapters folder of a finished run or stage (or an adapters folder itself) and its config;
+    carry=best: its best adapters (adapters/best) when it has them."""
     path = Path(folder).expanduser()
     adapters = path / "adapters" if (path / "adapters").is_dir() else path
+    if carry == "best" and (adapters / "best" / "adapters.safetensors").exists():
+        adapters = adapters / "best"
     if not (adapters / "adapter_config.json").exists() or not (adapters / "adapters.safetensors").exists():
         raise ConfigError(f"init_from={folder}: no finished adapters there (adapters/adapter_config.json and "
                           "adapters.safetensors): point it at a finished run or stage folder")
@@ -272,7 +293,8 @@ def chain_base(adapters: Path, previous: dict) -> str:
     fine-tune, the updated weights, written once as a model folder beside the adapters (`model/`)."""
     if previous.get("fine_tune_type") != "full":
         return previous["model"]
-    folder = adapters.parent / "model"
+    run = adapters.parent.parent if adapters.name == "best" else adapters.parent
+    folder = run / ("model" if adapters.name == "best" or not (adapters / "best").exists() else "model-last")
     if not (folder / "config.json").exists():
         from mlx_lm import load as mlx_load
         from mlx_lm.utils import save

@@ -29,7 +29,7 @@ def stage_configs(cfg, run_dir: Path) -> list[tuple[str, object]]:
     out, previous = [], cfg.init_from
     for st in cfg.pipeline.stages:
         overrides = _merge(list(st.overrides), user)
-        overrides += [f"output_dir={run_dir / st.name}", f"summary={cfg.summary}"]
+        overrides += [f"output_dir={run_dir / st.name}", f"summary={cfg.summary}", f"pipeline.carry={cfg.pipeline.carry}"]
         if previous:
             overrides.append(f"init_from={previous}")
         if cfg.wandb.project:

@@ -126,3 +126,18 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("tf.plan"):
         OmegaConf.register_resolver("tf.plan", _resolve_plan, annotation_validation="off")
+
+
+def run_plan(cfg, units: int, n_valid: int) -> dict:
+    """The schedule a run uses for `units` training rows per epoch (records after data.too_long, or packed
+    rows): derived keys from the plan, explicit ones as set. (The resolver's values count the records in
+    the files, which packing and dropped records change: a derived value is recomputed here.)"""
+    from omegaconf import OmegaConf
+
+    s = cfg.schedule
+    derived_iters = s.epochs is not None or OmegaConf.is_interpolation(s, "iters")
+    derived = plan(units, n_valid, s, iters=None if derived_iters else s.iters)
+    out = {k: derived[k] if k == "iters" or OmegaConf.is_interpolation(s, k) else s[k] for k in DERIVED}
+    for k in ("steps_per_eval", "steps_per_report", "save_every"):
+        out[k] = min(out[k], out["iters"])
+    return out

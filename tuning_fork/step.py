@@ -1,4 +1,4 @@
-"""The training step: the masked loss (packed rows included), the compiled update, and evaluation.
+"""The training step: the masked loss (packed rows included), the compiled update, and the optimizer.
 
 A batch is `(tokens, mask)`, or `(tokens, mask, segments)` for packed rows (see data.collate*). The loss
 counts the targets `mask` marks and nothing else: padding never trains (mlx-lm's default loss also counts
@@ -50,13 +50,14 @@ def loss(model, tokens, mask, segments=None, chunk: int | None = None):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cache = None if segments is None else [RecordMask(segments[:, :-1]) for _ in model.layers]
     ntoks = mask.sum()
+    denominator = mx.maximum(ntoks, 1)  # a batch with no target token has loss 0, never 0/0
     head = output_head(model) if chunk else None
     if head is not None:
         hidden = model.model(inputs, cache=cache)
-        return chunked_cross_entropy(head, hidden, targets, mask, chunk) / ntoks, ntoks
+        return chunked_cross_entropy(head, hidden, targets, mask, chunk) / denominator, ntoks
     logits = model(inputs, cache=cache)
     ce = nn.losses.cross_entropy(logits, targets) * mask
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
+    return ce.astype(mx.float32).sum() / denominator, ntoks
 
 
 PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3")  # logits = head(model.model(x)), nothing after the head
@@ -91,10 +92,11 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
     return total
 
 
-def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None):
+def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
+              loss_fn=None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
-    are averaged across data-parallel ranks, then applied. Returns (step, state) — evaluate `state` after
-    each step."""
+    are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight)` is
+    the objective's (default: next-token loss). Returns (step, state) — evaluate `state` after each step."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.nn.utils import average_gradients
@@ -107,7 +109,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
         from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
 
         checkpoint_layer(model.layers[0])
-    value_and_grad = nn.value_and_grad(model, partial(loss, chunk=loss_chunk))
+    value_and_grad = nn.value_and_grad(model, loss_fn or partial(loss, chunk=loss_chunk))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -185,25 +187,70 @@ class HostPace:
             self.previous = None
 
 
-def evaluate(model, dataset, batcher, batch_size: int, num_batches: int, max_seq_length: int,
-             progress=None) -> float:
-    """Mean loss per target token over the first `num_batches` batches (-1: all), summed over ranks."""
-    import mlx.core as mx
+# ------------------------------------------------------------------------------------------- optimizer
 
-    from .distributed import stream
 
-    model.eval()
-    total, count = mx.array(0.0), mx.array(0)
-    for n, batch in enumerate(batcher(dataset, batch_size, max_seq_length)):
-        if n == num_batches:
-            break
-        value, toks = loss(model, *batch)
-        total, count = total + value * toks, count + toks
-        mx.eval(total, count)
-        if progress is not None:
-            progress()
-    if mx.distributed.init().size() > 1:
-        total = mx.distributed.all_sum(total, stream=stream())
-        count = mx.distributed.all_sum(count, stream=stream())
-    model.train()
-    return (total / count).item()
+def optimizer_classes() -> dict:
+    import mlx.optimizers as optim
+
+    return {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor,
+            "muon": optim.Muon}
+
+
+def optimizer_arguments(name: str) -> list[str]:
+    """The keyword arguments mlx's optimizer `name` takes besides the learning rate."""
+    import inspect
+
+    params = inspect.signature(optimizer_classes()[name].__init__).parameters
+    return [p for p in params if p not in ("self", "learning_rate")]
+
+
+def check_optimizer_args(name: str, args: dict) -> dict:
+    """`schedule.optimizer_args` for mlx's optimizer `name`, as keyword arguments: lists become tuples
+    (betas, eps); an argument it does not take is a one-line error naming those it does."""
+    from .errors import ConfigError
+
+    takes = optimizer_arguments(name)
+    if unknown := [k for k in args if k not in takes]:
+        raise ConfigError(f"schedule.optimizer_args.{unknown[0]}: the {name} optimizer does not take it; it "
+                          f"takes {', '.join(takes)}")
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()}
+
+
+def build_optimizer(s, updates: int):
+    """mlx's optimizer `s.optimizer`, with `s.optimizer_args` and the learning-rate schedule."""
+    from .errors import ConfigError
+
+    lr = s.learning_rate
+    if s.lr_schedule.name or s.lr_schedule.warmup:
+        lr = build_lr_schedule(s.learning_rate, s.lr_schedule, updates)
+    name = str(s.optimizer)
+    kwargs = check_optimizer_args(name, dict(s.optimizer_args))
+    try:
+        return optimizer_classes()[name](learning_rate=lr, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"schedule.optimizer_args={kwargs}: wrong for {name} ({e})") from None
+
+
+def build_lr_schedule(peak: float, sc, updates: int):
+    """mlx's schedulers, with lengths counted in optimizer updates and sensible default arguments."""
+    import mlx.optimizers as optim
+
+    from .errors import ConfigError
+
+    name = sc.name or "constant"
+    fn = (lambda peak: lambda step: peak) if name == "constant" else getattr(optim.schedulers, name, None)
+    names = [n for n in dir(optim.schedulers) if n.endswith(("_decay", "_schedule")) and n != "join_schedules"]
+    if fn is None or not callable(fn):
+        raise ConfigError(f"schedule.lr_schedule.name={name}: unknown: choose one of {', '.join(names)}")
+    decay = max(1, updates - sc.warmup)
+    defaults = {"cosine_decay": [decay], "linear_schedule": [0.0, decay]}
+    arguments = list(sc.arguments) or defaults.get(name, [])
+    try:
+        schedule = fn(peak, *arguments)
+    except TypeError as e:
+        raise ConfigError(f"schedule.lr_schedule.arguments={arguments}: wrong for {name} ({e})") from None
+    if sc.warmup > 0:
+        warm = optim.schedulers.linear_schedule(sc.warmup_init, peak, sc.warmup)
+        schedule = optim.schedulers.join_schedules([warm, schedule], [sc.warmup])
+    return schedule

@@ -10,7 +10,6 @@ import shlex
 
 from . import config as config_schema
 from . import data, models, schedule
-from .train import plan_steps
 
 
 def padding(lengths, batches, max_seq_length: int, pad) -> float:
@@ -29,7 +28,7 @@ def packed_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> tu
     for b in data.pack_order(lengths, batch_size, max_seq_length, seed, 0):
         totals = [min(max_seq_length, sum(min(lengths[i], max_seq_length) for i in row)) for row in b]
         real += sum(totals)
-        padded += len(b) * min(max_seq_length, data.PAD_TO * -(-max(totals) // data.PAD_TO))
+        padded += len(b) * data.pad_width(max(totals), max_seq_length)
         rows += len(b)
     return (1 - real / padded if padded else 0.0), rows
 
@@ -44,7 +43,7 @@ def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int,
         ours = packed_waste(lengths, batch_size, max_seq_length, seed)[0]
     else:
         ours = padding(lengths, data.batch_order(lengths, batch_size, seed, 0), max_seq_length,
-                       lambda m: min(max_seq_length, data.PAD_TO * -(-m // data.PAD_TO)))
+                       lambda m: data.pad_width(m, max_seq_length))
     perm = np.random.default_rng(seed).permutation(len(lengths))
     theirs_batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     theirs = padding(lengths, theirs_batches, max_seq_length, lambda m: min(max_seq_length, 1 + 32 * -(-m // 32)))
@@ -69,22 +68,28 @@ def summarize(cfg) -> dict:
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
     out = {"splits": {}}
     for name, split in splits.items():
-        lengths = [len(ids) for ids, _ in data.encode_split(split, tokenizer, cfg.data, cfg.prompt)]
+        encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt)
+        lengths = [len(ids) for ids, _ in encoded]
+        kept = [len(ids) for ids, _ in data.limit_lengths(encoded, split, cfg.data)[0]]  # what trains (too_long)
         packing = cfg.data.packing and name == "train"  # validation and test are never packed
         ours, theirs = batcher_waste(lengths, min(s.batch_size, len(lengths)), max_len, cfg.seed, packing)
         row = dict(records=len(lengths), tokens=sum(lengths), mean=sum(lengths) / len(lengths), max=max(lengths),
-                   too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs)
+                   too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs, kept=len(kept))
         if packing:
-            row["rows"] = packed_waste(lengths, s.batch_size, max_len, cfg.seed)[1]
+            row["rows"] = packed_waste(kept, s.batch_size, max_len, cfg.seed)[1]
         out["splits"][name] = row
         stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
                       f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
     console.print(stats)
 
     train = out["splits"]["train"]
-    n_train, n_valid = train.get("rows", train["records"]), out["splits"]["valid"]["records"]
-    p = schedule.plan(n_train, n_valid, s, iters=None if s.epochs is not None else s.iters)
-    p.update(plan_steps(cfg, n_train, n_valid))  # what the run will use (explicit values kept)
+    n_train, n_valid = train.get("rows", train["kept"]), out["splits"]["valid"]["kept"]
+    p = schedule.plan(n_train, n_valid, s)
+    p.update(schedule.run_plan(cfg, n_train, n_valid))  # what the run will use (explicit values kept)
+    whole = -(-n_valid // s.batch_size)
+    p["validated_records"] = n_valid if p["val_batches"] == -1 or p["val_batches"] >= whole else \
+        min(n_valid, p["val_batches"] * s.batch_size)
+    p["validated_share"] = p["validated_records"] / n_valid
     p["optimizer_updates"] = math.ceil(p["iters"] / s.grad_accumulation_steps)
     p["tokens_per_epoch"] = out["splits"]["train"]["tokens"]
     p["epochs"] = p["iters"] / p["steps_per_epoch"]
@@ -101,6 +106,11 @@ def summarize(cfg) -> dict:
                             ("packed rows per epoch", "packed_rows_per_epoch", "{:,}")]:
         if key in p:
             plan.add_row(label, fmt.format(p[key]))
+    sampled = p["validated_records"] < n_valid
+    plan.add_row("validated", f"{p['validated_records']:,} of {n_valid:,} records ({p['validated_share']:.0%})"
+                 + (", a seeded sample stratified by length" if sampled else ""))
+    if sampled and s.final_validation == "full":
+        plan.add_row("final validation", f"all {n_valid:,} records")
     console.print(plan)
     out["plan"] = p
     out["mlx_lm_command"] = mlx_lm_command(cfg, base, p)

@@ -21,66 +21,172 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-class Metrics:
-    """Appends one JSON object per report to metrics.jsonl and keeps what a sweep needs to optimize.
+class Hook:
+    """What the training loop tells the world (the shape of mlx-lm's TrainingCallback). Every rank builds its
+    own hooks once; `run.rank` says which rank this is. `train(cfg, hooks=[...])` adds a caller's own.
+
+    on_train_report: {iteration, train_loss, learning_rate, tokens_per_second, trained_tokens, peak_memory}
+    on_validation:   {iteration, val_loss, val_time, and val_<metric> for each task metric}
+    on_save:         the iteration just checkpointed
+    on_end:          the run's results (results.json), once the final model is scored
+    close:           always, last (also after an error)
+    """
+
+    def on_train_report(self, run, info: dict) -> None: ...
+
+    def on_validation(self, run, info: dict) -> None: ...
+
+    def on_save(self, run, iteration: int) -> None: ...
+
+    def on_end(self, run, result: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MetricsFile(Hook):
+    """Appends one JSON object per report to metrics.jsonl (rank 0) and keeps the validation history that
+    results.json and a sweep read.
 
     Iterations count completed optimizer steps for training and validation alike: a validation at
     iteration k measured the model after k steps."""
 
-    def __init__(self, run_dir: Path, wandb_run=None, write: bool = True):
+    def __init__(self, run_dir: Path, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        self.wandb = wandb_run
         self.write = write  # False on data-parallel ranks other than 0: they keep the numbers, rank 0 writes
-        self.val_losses: list[tuple[int, float]] = []
+        self.validations: list[dict] = []
         self.last_train: dict = {}
 
     def log(self, record: dict) -> None:
-        record = {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
         if self.write:  # one write() of one line, flushed: a crash loses at most the line being written
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(plain(record)) + "\n")
                 fh.flush()
-        if self.wandb is not None:
-            step = record.get("iteration")
-            self.wandb.log({k: v for k, v in record.items() if k != "iteration"}, step=step)
 
-    def train_report(self, info: dict) -> None:
-        keep = ("iteration", "train_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory")
-        self.last_train = {k: info[k] for k in keep if k in info}
-        self.log(dict(self.last_train))
+    def on_train_report(self, run, info: dict) -> None:
+        self.last_train = dict(info)
+        self.log(info)
 
-    def val_report(self, iteration: int, val_loss: float, val_time: float | None = None) -> None:
-        self.val_losses.append((iteration, val_loss))
-        rec = {"iteration": iteration, "val_loss": val_loss}
-        if val_time is not None:
-            rec["val_time"] = val_time
-        self.log(rec)
+    def on_validation(self, run, info: dict) -> None:
+        self.validations.append(dict(info))
+        self.log(info)
+
+    def on_end(self, run, result: dict) -> None:
+        for record in final_records(result):
+            self.log(record)
 
     def resume(self, upto: int) -> None:
         """Continue a run from step `upto`: keep the reports up to it (rewritten atomically) and drop the
         rest, which the resumed run reports again; so the file stays one continuous record."""
-        kept = [rec for rec in read_metrics(self.path.parent)
-                if rec.get("iteration", 0) <= upto and "test_loss" not in rec] if self.path.exists() else []
+        kept = [rec for rec in read_metrics(self.path.parent) if rec.get("iteration", 0) <= upto
+                and not set(rec) & FINAL_KEYS] if self.path.exists() else []
         if self.write:
             tmp = self.path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
-        for rec in kept:
-            if "val_loss" in rec:
-                self.val_losses.append((rec["iteration"], rec["val_loss"]))
-            if "train_loss" in rec:
-                self.last_train = rec
+        self.validations = [rec for rec in kept if "val_loss" in rec]
+        self.last_train = next((rec for rec in reversed(kept) if "train_loss" in rec), {})
 
     def summary(self) -> dict:
+        """first, last and best validation loss, the last value of every other validation metric and its
+        best, and the last training loss."""
         out = {}
-        if self.val_losses:
-            finite = [v for _, v in self.val_losses if math.isfinite(v)]
-            out["first_val_loss"] = self.val_losses[0][1]
-            out["val_loss"] = self.val_losses[-1][1]
-            out["best_val_loss"] = min(finite) if finite else float("nan")
+        if self.validations:
+            first, last = self.validations[0], self.validations[-1]
+            out["first_val_loss"] = first["val_loss"]
+            for key in last:
+                if key.startswith("val_") and key != "val_time":
+                    out[key] = last[key]
+                    values = [v[key] for v in self.validations if key in v and math.isfinite(v[key])]
+                    better = max if direction(key) == "max" else min
+                    out[f"best_{key}"] = better(values) if values else float("nan")
         if "train_loss" in self.last_train:
             out["train_loss"] = self.last_train["train_loss"]
         return out
+
+
+FINAL_KEYS = {"test_loss", "val_loss_full", "stopped_early"}
+
+
+def final_records(result: dict) -> list[dict]:
+    """The lines a finished run adds to metrics.jsonl after its last validation."""
+    at = result.get("iteration")
+    out = []
+    if result.get("stopped_early"):
+        out.append({"iteration": at, "stopped_early": True, "reason": result.get("stop_reason")})
+    if "val_loss_full" in result:
+        out.append({"iteration": at, "val_loss_full": result["val_loss_full"]})
+    if "test_loss" in result:
+        out.append({"iteration": at, "test_loss": result["test_loss"], "test_ppl": result["test_ppl"]})
+    return out
+
+
+def direction(metric: str) -> str:
+    from .evaluation import direction as of
+
+    return of(metric)
+
+
+def plain(record: dict) -> dict:
+    return {k: (float(v) if hasattr(v, "item") else v) for k, v in record.items()}
+
+
+class WandbLog(Hook):
+    """The same reports in a W&B run (rank 0)."""
+
+    def __init__(self, wandb_run):
+        self.run = wandb_run
+
+    def _log(self, info: dict) -> None:
+        self.run.log({k: v for k, v in plain(info).items() if k != "iteration"}, step=info.get("iteration"))
+
+    def on_train_report(self, run, info: dict) -> None:
+        self._log(info)
+
+    def on_validation(self, run, info: dict) -> None:
+        self._log(info)
+
+    def on_end(self, run, result: dict) -> None:
+        for record in final_records(result):
+            self._log(record)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Terminal(Hook):
+    """The progress display's report lines (mlx-lm's TrainUI), with task metrics and the run's end."""
+
+    def on_train_report(self, run, info: dict) -> None:
+        run.ui.report_train(info["iteration"], info["train_loss"], info["tokens_per_second"], info["trained_tokens"])
+
+    def on_validation(self, run, info: dict) -> None:
+        run.ui.report_val(info["iteration"], info["val_loss"], info["val_time"])
+        if run.rank != 0:
+            return
+        extra = {k[4:]: v for k, v in info.items() if k.startswith("val_") and k not in ("val_loss", "val_time")}
+        if extra:
+            report_line(info["iteration"], "task", None, "  ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+        if run.state.best.iteration == info["iteration"] and info["iteration"] > 0 and run.best_folder:
+            report_line(info["iteration"], "best", None, f"{run.state.best.metric} {run.state.best.value:.4f}")
+
+    def on_end(self, run, result: dict) -> None:
+        if run.rank != 0:
+            return
+        at = result.get("iteration")
+        if result.get("stopped_early"):
+            report_line(at, "stop", None, result["stop_reason"])
+        if "val_loss_full" in result:
+            report_line(at, "val", result["val_loss_full"], "the whole validation split")
+        if "test_loss" in result:
+            report_line(at, "test", result["test_loss"], f"ppl {result['test_ppl']:.2f}")
+
+
+def report_line(it, what: str, loss: float | None, extra: str = "") -> None:
+    from mlx_lm.cli_ui import make_console
+
+    value = f"[ui.strong]{loss:>5.3f}[/ui.strong]    " if loss is not None else ""
+    make_console().print(f"  [ui.muted]{it:>4}[/ui.muted]    [ui.accent]{what}[/ui.accent] {value}"
+                         f"[ui.muted]{extra}[/ui.muted]")
 
 
 def scrub(obj):

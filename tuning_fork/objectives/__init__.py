@@ -1,0 +1,27 @@
+"""Objectives: what a batch holds and how its loss is computed. The loop (train.py) asks an objective for
+tokenized splits, training and evaluation batches and the loss; checkpoints, resume and the data-parallel
+code never look inside a batch, so a new objective plugs in here alone.
+
+An objective provides:
+    encode(splits, tokenizer) -> {split name: records}   tokenized, checked, over-long records handled
+    rows(records) -> int                                 training rows per epoch (the plan counts them)
+    lengths(records) -> list[int]                        a length per record (the validation sample)
+    train_batches(records, start) -> iterator            training batches from step `start` on, forever
+    eval_batches(records, indices) -> iterator           evaluation batches over those records
+    eval_count(n) -> int                                 how many evaluation batches n records make
+    loss(model, *batch) -> (mean loss, weight)           weight: what the mean is over (target tokens)
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+
+def build(cfg, rank: int = 0, size: int = 1):
+    from .sft import NextToken
+
+    objectives = {"sft": NextToken}
+    name = str(cfg.objective.name)
+    if name not in objectives:
+        raise ConfigError(f"objective={name}: unknown: choose one of {', '.join(objectives)}")
+    return objectives[name](cfg, rank, size)

@@ -1,0 +1,46 @@
+"""`objective=sft`: next-token prediction on the target tokens of each record (all of them, or those after
+the prompt with data.mask_prompt), length-bucketed or packed batches (tuning_fork/data.py)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .. import data
+
+
+class NextToken:
+    name = "sft"
+
+    def __init__(self, cfg, rank: int = 0, size: int = 1):
+        from ..step import loss
+
+        self.cfg, self.rank = cfg, rank
+        self.batcher = data.Batcher(cfg.schedule.batch_size, cfg.data.max_seq_length, cfg.seed,
+                                    cfg.data.packing, rank, size)
+        self.loss = partial(loss, chunk=cfg.schedule.loss_chunk)
+        self.eval_loss = loss  # evaluation keeps no graph: nothing to gain from chunking
+
+    def encode(self, splits: dict, tokenizer) -> dict:
+        out = {}
+        for name, split in splits.items():
+            encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt)
+            out[name], note = data.limit_lengths(encoded, split, self.cfg.data)
+            if note and self.rank == 0:
+                print(f"tuning_fork: {note}")
+        return out
+
+    def rows(self, records) -> int:
+        return self.batcher.rows_per_epoch(records) if self.cfg.data.packing else len(records)
+
+    @staticmethod
+    def lengths(records) -> list[int]:
+        return [len(ids) for ids, _ in records]
+
+    def train_batches(self, records, start: int = 0):
+        return self.batcher.train(records, start)
+
+    def eval_batches(self, records, indices=None):
+        return self.batcher.fixed(records, indices)
+
+    def eval_count(self, n: int) -> int:
+        return self.batcher.count(n)
