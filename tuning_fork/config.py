@@ -298,11 +298,16 @@ def check(cfg) -> None:
     if a.type == "full" and q is not None:
         bad("model.quantize_bits", q, "adapter=full cannot train a quantized model: use adapter=qlora, or "
             "model.quantize_bits=null")
+    check_evaluation(cfg)
+
+
+def check_recipe(cfg) -> None:
+    """schedule=demo is the built-in model's recipe: refused for another model.path."""
+    s = cfg.schedule
     if s.made_for and s.made_for != cfg.model.path:
         raise ConfigError(f"model.path={cfg.model.path} with the built-in model's recipe (schedule=demo: learning "
                           f"rate {s.learning_rate:g}) that model=tiny brought: choose a schedule "
                           "for this model, e.g. schedule=default or schedule=epochs3, or a preset such as model=mistral")
-    check_evaluation(cfg)
 
 
 def check_evaluation(cfg) -> None:
@@ -350,7 +355,11 @@ def result_metrics(cfg, has_test: bool) -> list[str]:
 def check_optimized_metric(cfg, has_test: bool) -> None:
     names = result_metrics(cfg, has_test)
     if cfg.optimized_metric not in names:
+        from .evaluation import SCORERS
+
         hint = " (test_loss needs a test split: test.jsonl, or data.test_split)" if "test" in cfg.optimized_metric \
             else ""
+        if cfg.optimized_metric.removeprefix("best_").removeprefix("val_") in SCORERS:
+            hint = " (task metrics need eval.generate.records > 0)"
         raise ConfigError(f"optimized_metric={cfg.optimized_metric!r}: this run does not log it{hint}; choose one "
                           f"of {', '.join(names)}")

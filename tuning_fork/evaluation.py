@@ -196,6 +196,7 @@ class Validator:
         self.sample = None if val_batches == -1 or val_batches >= whole else \
             validation_sample(objective.lengths(records), n, cfg.seed)
         self.batches = whole if self.sample is None else objective.eval_count(len(self.sample))
+        self.records_scored = len(records) if self.sample is None else len(self.sample)
         self.full_at_end = self.sample is not None and cfg.schedule.final_validation == "full"
         self.answers = AnswerScorer(cfg, split, tokenizer, rank, size) if cfg.eval.generate.records else None
 

@@ -113,11 +113,16 @@ def final_records(result: dict) -> list[dict]:
     out = []
     if result.get("stopped_early"):
         out.append({"iteration": at, "stopped_early": True, "reason": result.get("stop_reason")})
-    if "val_loss_full" in result:
+    if "val_loss_full" in result and sampled(result):
         out.append({"iteration": at, "val_loss_full": result["val_loss_full"]})
     if "test_loss" in result:
         out.append({"iteration": at, "test_loss": result["test_loss"], "test_ppl": result["test_ppl"]})
     return out
+
+
+def sampled(result: dict) -> bool:
+    """Did the validations score only a sample of the split (so the whole split was scored at the end)?"""
+    return result.get("validated_records", 0) < result.get("valid_records", 0)
 
 
 def direction(metric: str) -> str:
@@ -175,8 +180,9 @@ class Terminal(Hook):
         at = result.get("iteration")
         if result.get("stopped_early"):
             report_line(at, "stop", None, result["stop_reason"])
-        if "val_loss_full" in result:
-            report_line(at, "val", result["val_loss_full"], "the whole validation split")
+        if "val_loss_full" in result and sampled(result):
+            report_line(at, "val", result["val_loss_full"], f"all {result['valid_records']} validation records "
+                        f"(the validations above scored {result['validated_records']})")
         if "test_loss" in result:
             report_line(at, "test", result["test_loss"], f"ppl {result['test_ppl']:.2f}")
 

@@ -107,7 +107,10 @@ def prepare_data(cfg, group, run_dir: Path, checkpoints: Checkpoints) -> Run:
     if len(splits["train"].records) < cfg.schedule.batch_size:
         raise DataError(f"{splits['train'].origin}: {len(splits['train'].records)} training records, fewer than "
                         f"one batch (schedule.batch_size={cfg.schedule.batch_size}): lower the batch size or add records")
-    base = models.chain_source(cfg)[0] if cfg.init_from else models.resolve(cfg.model.path)
+    base = models.resolve(cfg.model.path)
+    config_schema.check_recipe(cfg)
+    if cfg.init_from:
+        base = models.chain_source(cfg)[0]
     models.check_trainable(base, cfg.adapter)
     tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     objective = objectives.build(cfg, group.rank(), group.size())
@@ -300,7 +303,8 @@ def finish(run: Run) -> dict:
         test_loss = evaluate(run.model, run.objective.eval_batches(run.sets["test"], indices),
                              run.objective.eval_loss)
         result.update(test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
-    result.update(iters=run.plan["iters"], iteration=state.step, best_iteration=state.best.iteration,
+    result.update(valid_records=len(run.sets["valid"]), validated_records=run.validator.records_scored,
+                  iters=run.plan["iters"], iteration=state.step, best_iteration=state.best.iteration,
                   stopped_early=state.stopped_early, peak_memory=mx.get_peak_memory() / 1e9,
                   run_dir=str(run.run_dir))
     if state.best.metric != "val_loss":
@@ -383,7 +387,8 @@ def print_header(run: Run) -> None:
         ("model", run.base if cfg.model.path != models.TINY else f"tiny ({run.base})"),
         ("adapter", f"{kind} · {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters train"),
         ("data", f"{cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''} · "
-                 f"{len(run.sets['train'])} records · {validated}"),
+                 f"{len(run.sets['train'])} records"),
+        ("val", validated),
         ("schedule", f"{s.optimizer} · lr {s.learning_rate:g} · batch {s.batch_size}"
                      f"{' packed' if cfg.data.packing else ''} · {run.plan['iters']} iters"),
         ("run", str(run.run_dir) + (f" · resumed at iteration {run.state.step}" if run.state.step else "")),

@@ -52,6 +52,15 @@ def bad(message: str):
     raise SystemExit(2)
 
 
+def check_metric(config, metric: str) -> None:
+    """The metric a sweep optimizes must be one a run returns: refused before any study or trial exists."""
+    from tuning_fork.config import result_metrics
+
+    names = result_metrics(config, has_test=True)
+    if metric not in names:
+        bad(f"optimized_metric={metric!r}: a run does not log it; choose one of {', '.join(names)}")
+
+
 def open_study(name, storage, sampler, direction, pruner):
     """Create or load the study. Sweep processes starting together on a new database race to create its
     tables; the loser retries and loads what the winner made."""
@@ -110,6 +119,7 @@ class TuningForkOptunaSweeper(Sweeper):
         from tuning_fork.sweep_report import report
         from tuning_fork.trial import make_pruner
 
+        check_metric(self.config, self.config.optimized_metric)
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = self.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"

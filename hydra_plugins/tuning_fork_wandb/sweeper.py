@@ -26,10 +26,9 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from hydra_plugins.tuning_fork_optuna.sweeper import TuningForkOptunaSweeper, bad, open_study, quote
+from hydra_plugins.tuning_fork_optuna.sweeper import TuningForkOptunaSweeper, bad, check_metric, open_study, quote
 
 log = logging.getLogger(__name__)
-METRICS = ("best_val_loss", "val_loss", "test_loss", "train_loss")
 
 
 @dataclass
@@ -128,6 +127,7 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
         from tuning_fork.sweep_report import report
         from tuning_fork.trial import make_pruner
 
+        check_metric(self.config, self.metric)  # before the study, the folder or a server sweep exist
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         distributions, fixed = {}, {}
@@ -151,8 +151,6 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
         study = open_study(self.study_name, storage, self._sampler(distributions), self.direction, pruner)
         project = self.project or self.config.get("wandb", {}).get("project") or "tuning_fork"
         sweep_id = self._register(project) or f"local-{sweep_dir.name}"
-        if self.metric not in METRICS:
-            bad(f"sweep metric {self.metric!r}: tuning_fork reports {', '.join(METRICS)}")
         extra = [f"wandb.project={quote(project)}", f"wandb.group={quote(sweep_id)}",
                  f"wandb.sweep_id={quote(sweep_id)}", f"optimized_metric={self.metric}"]
         if self.entity:
