@@ -205,7 +205,13 @@ def test_credentials_never_reach_the_run_folder(tmp_path):
                    "schedule.epochs=null", "schedule.batch_size=4", "wandb.project=secrets",
                    env={"WANDB_API_KEY": secret})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    written = [p for d in (run_dir, tmp_path / "run2") if d.exists() for p in d.rglob("*") if p.is_file()]
+    for name, extra in (("summary", ["summary=true"]), ("pipeline", ["pipeline=cpt_sft", "summary=true"])):
+        proc = run_cli(f"hydra.run.dir={tmp_path / name}", f"+schedule.optimizer_args.api_token={secret}",
+                       "wandb.project=secrets", *extra, env={"WANDB_API_KEY": secret})  # nothing trains
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / name / ".hydra" / "overrides.yaml").exists()  # Hydra writes it all the same
+    folders = (run_dir, tmp_path / "run2", tmp_path / "summary", tmp_path / "pipeline")
+    written = [p for d in folders if d.exists() for p in d.rglob("*") if p.is_file()]
     assert any(p.name == "metrics.jsonl" for p in written) and any("wandb" in p.parts for p in written)
     assert any(p.name == "overrides.yaml" for p in written)  # Hydra's record of the command line, scrubbed
     for p in written:

@@ -161,8 +161,26 @@ def test_cluster_launcher_preset_composes():
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
 
 
+def test_a_sweep_maximizes_a_task_metric_and_an_early_stop_is_complete(tmp_path, data):
+    import json
+
+    sweep_dir = tmp_path / "M"
+    proc = sweep(sweep_dir, "hydra.sweeper.n_trials=1", "hydra.sweeper.direction=maximize",
+                 "optimized_metric=best_val_token_f1", "eval.generate.records=2", "eval.generate.max_tokens=4",
+                 "schedule.early_stopping.patience=1", "schedule.early_stopping.mode=max", data=data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = study(sweep_dir / "optuna.db")
+    assert s.direction.name == "MAXIMIZE"
+    (trial,) = s.trials
+    result = json.loads((sweep_dir / "0" / "results.json").read_text())
+    assert trial.state.name == "COMPLETE" and result["stopped_early"] and result["iteration"] == 2
+    assert trial.value == result["best_val_token_f1"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["hparams_search=wandb", "hydra.sweeper.sweep_config=/nonexistent/sweep.yaml"], "sweep_config"),
+    (["hparams_search=wandb", "hydra.sweeper.sweep.metric.name=best_val_los"], "optimized_metric='best_val_los'"),
+    (["hparams_search=optuna", "optimized_metric=val_exact_match"], "eval.generate.records > 0"),
     (["hparams_search=optuna", "hydra.sweeper.sampler=nope"], "hydra.sweeper.sampler=nope"),
     (["hparams_search=optuna", "hydra.sweeper.pruner=nope"], "pruner=nope"),
 ])
@@ -170,3 +188,4 @@ def test_bad_sweep_settings_are_one_line(tmp_path, args, needle):
     proc = run_cli("--multirun", *args, f"hydra.sweep.dir={tmp_path / 'bad'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert needle in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad" / "optuna.db").exists()  # refused before any study

@@ -352,14 +352,15 @@ def result_metrics(cfg, has_test: bool) -> list[str]:
     return names
 
 
-def check_optimized_metric(cfg, has_test: bool) -> None:
+def check_optimized_metric(cfg, has_test: bool, metric: str | None = None) -> None:
+    """optimized_metric (or `metric`) must be a name the run returns; refused before anything trains."""
+    metric = metric or cfg.optimized_metric
     names = result_metrics(cfg, has_test)
-    if cfg.optimized_metric not in names:
+    if metric not in names:
         from .evaluation import SCORERS
 
-        hint = " (test_loss needs a test split: test.jsonl, or data.test_split)" if "test" in cfg.optimized_metric \
-            else ""
-        if cfg.optimized_metric.removeprefix("best_").removeprefix("val_") in SCORERS:
+        hint = " (test_loss needs a test split: test.jsonl, or data.test_split)" if "test" in metric else ""
+        if metric.removeprefix("best_").removeprefix("val_") in SCORERS:
             hint = " (task metrics need eval.generate.records > 0)"
-        raise ConfigError(f"optimized_metric={cfg.optimized_metric!r}: this run does not log it{hint}; choose one "
+        raise ConfigError(f"optimized_metric={metric!r}: this run does not log it{hint}; choose one "
                           f"of {', '.join(names)}")

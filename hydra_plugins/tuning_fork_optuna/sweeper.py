@@ -54,11 +54,13 @@ def bad(message: str):
 
 def check_metric(config, metric: str) -> None:
     """The metric a sweep optimizes must be one a run returns: refused before any study or trial exists."""
-    from tuning_fork.config import result_metrics
+    from tuning_fork.config import check_optimized_metric
+    from tuning_fork.errors import ConfigError
 
-    names = result_metrics(config, has_test=True)
-    if metric not in names:
-        bad(f"optimized_metric={metric!r}: a run does not log it; choose one of {', '.join(names)}")
+    try:
+        check_optimized_metric(config, has_test=True, metric=metric)
+    except ConfigError as e:
+        bad(str(e))
 
 
 def open_study(name, storage, sampler, direction, pruner):
