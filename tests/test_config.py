@@ -74,14 +74,25 @@ def test_typos_and_wrong_types_fail_at_composition(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("override,choices", [
+    ("schedule.optimizer=adamm", "[adam, adamw, sgd, adafactor, muon]"),
+    ("adapter.type=loraa", "[lora, dora, full, qlora]"),
+    ("data.too_long=cut", "[truncate, drop, error]"),
+    ("data.source=csv", "[demo, jsonl, hf]"),
+    ("prompt.format=vicuna", "[tokenizer, chatml, llama3, mistral, alpaca, phi, gemma]"),
+])
+def test_a_fixed_choice_mistyped_fails_at_composition_listing_the_choices(override, choices):
+    with pytest.raises(Exception) as e:
+        compose_cfg(override)
+    assert f"expected one of {choices}" in str(e.value.__cause__)
+
+
 @pytest.mark.parametrize("override,key", [
     ("schedule.batch_size=0", "schedule.batch_size"),
     ("schedule.epochs=0", "schedule.epochs"),
     ("schedule.epochs=null,schedule.iters=0", "schedule.iters"),
     ("adapter.rank=0", "adapter.rank"),
     ("adapter.dropout=1.5", "adapter.dropout"),
-    ("schedule.optimizer=adamm", "schedule.optimizer"),
-    ("adapter.type=loraa", "adapter.type"),
 ])
 def test_range_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

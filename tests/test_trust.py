@@ -227,14 +227,16 @@ def test_task_metrics_and_metric_names_are_checked_before_training(tmp_path):
     cases = [("optimized_metric=best_val_los", "optimized_metric='best_val_los'"),
              ("optimized_metric=test_loss", "needs a test split"),
              ("optimized_metric=best_val_exact_match", "eval.generate"),  # not logged without task metrics
-             ("schedule.early_stopping.metric=val_rouge_l", "eval.generate.records > 0"),
-             ("eval.generate.metrics=[bleu]", "exact_match, token_f1, rouge_l")]
+             ("schedule.early_stopping.metric=val_rouge_l", "eval.generate.records > 0")]
     for override, needle in cases:
         cfg = compose_cfg(*SHORT, f"data.path={data}", f"output_dir={tmp_path / 'r'}", override)
         with pytest.raises(ConfigError) as e:
             config.check(cfg)
             config.check_optimized_metric(cfg, has_test=False)
         assert needle in str(e.value), (override, str(e.value))
+    with pytest.raises(Exception) as e:  # a fixed choice: refused at composition, with the choices
+        compose_cfg("eval.generate.metrics=[bleu]")
+    assert "expected one of [exact_match, token_f1, rouge_l]" in str(e.value.__cause__)
     proc = run_cli(*SHORT, f"data.path={data}", "optimized_metric=best_val_los", f"hydra.run.dir={tmp_path / 'c'}")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "best_val_loss" in proc.stderr
     assert not (tmp_path / "c" / "metrics.jsonl").exists()

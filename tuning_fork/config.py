@@ -8,6 +8,7 @@ any model loads. Range checks Hydra cannot express live in `check()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,11 +16,30 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError
 
-FINE_TUNE_TYPES = ("lora", "dora", "full", "qlora")
-OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
-DATA_SOURCES = ("demo", "jsonl", "hf")
-TOO_LONG = ("truncate", "drop", "error")
-PROMPT_FORMATS = ("tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
+class Choice(str, Enum):
+    """A fixed choice: a typo fails at composition, listing the choices; a member equals its name as a str."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec) -> str:
+        return format(self.value, spec)
+
+
+def choice(name: str, *values: str):
+    return Choice(name, [(v, v) for v in values])
+
+
+Optimizer = choice("Optimizer", "adam", "adamw", "sgd", "adafactor", "muon")
+AdapterType = choice("AdapterType", "lora", "dora", "full", "qlora")
+DataSource = choice("DataSource", "demo", "jsonl", "hf")
+TooLong = choice("TooLong", "truncate", "drop", "error")
+PromptFormat = choice("PromptFormat", "tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
+Objective = choice("Objective", "sft")
+Direction = choice("Direction", "auto", "min", "max")
+FinalValidation = choice("FinalValidation", "full", "sample")
+Carry = choice("Carry", "best", "last")
+TaskMetric = choice("TaskMetric", "exact_match", "token_f1", "rouge_l")
 
 
 @dataclass
@@ -34,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "demo"  # demo | jsonl | hf
+    source: DataSource = DataSource.demo
     path: Optional[str] = None  # jsonl: folder with train/valid[/test].jsonl; hf: the data set id
     # hf only: split expressions and the data set's configuration name
     hf_config: Optional[str] = None
@@ -48,7 +68,7 @@ class DataConfig:
     chat_feature: str = "messages"
     mask_prompt: bool = False  # completion-only loss
     max_seq_length: int = 2048
-    too_long: str = "truncate"  # records over max_seq_length tokens: truncate | drop | error
+    too_long: TooLong = TooLong.truncate  # records over max_seq_length tokens: truncate | drop | error
     packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record
 
 
@@ -70,14 +90,14 @@ class EarlyStoppingConfig:
     patience: Optional[int] = None  # validations without an improvement before the run ends; null: never
     min_delta: float = 0.0  # an improvement must be larger than this to count
     metric: str = "val_loss"  # the monitored metric (also picks the best adapter): val_loss or val_<task metric>
-    mode: str = "auto"  # auto (task metrics up, losses down) | min | max
+    mode: Direction = Direction.auto  # auto (task metrics up, losses down) | min | max
 
 
 @dataclass
 class ScheduleConfig:
     batch_size: int = 4  # global: split across data-parallel ranks
     learning_rate: float = 1e-5
-    optimizer: str = "adam"
+    optimizer: Optimizer = Optimizer.adam
     optimizer_args: Dict[str, Any] = field(default_factory=dict)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
@@ -105,13 +125,13 @@ class ScheduleConfig:
     test_batches: int = -1
     keep_checkpoints: Optional[int] = None  # numbered checkpoints to keep (the newest); null: all
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    final_validation: str = "full"  # full: the last validation also scores the whole split | sample
+    final_validation: FinalValidation = FinalValidation.full  # full: the last validation also scores the whole split | sample
     made_for: Optional[str] = None  # the model.path this schedule is a recipe for (schedule=demo: tiny)
 
 
 @dataclass
 class AdapterConfig:
-    type: str = "lora"  # lora | dora | full | qlora
+    type: AdapterType = AdapterType.lora
     rank: int = 8
     alpha: float = 16.0  # PEFT-style; mlx-lm's scale = alpha / rank
     scale: Optional[float] = None  # mlx-lm's scale directly; wins over alpha when set
@@ -122,7 +142,7 @@ class AdapterConfig:
 
 @dataclass
 class PromptConfig:
-    format: str = "tokenizer"  # tokenizer | chatml | llama3 | mistral | alpaca | phi | gemma
+    format: PromptFormat = PromptFormat.tokenizer
     system: Optional[str] = None
     text: Optional[str] = None
     # Word Loom (generation): sections of a TOML loom file build the system, context and user texts
@@ -136,7 +156,7 @@ class PromptConfig:
 class GenerateEvalConfig:
     records: int = 0  # validation records answered greedily at each validation; 0: off
     max_tokens: int = 64
-    metrics: List[str] = field(default_factory=lambda: ["exact_match", "token_f1", "rouge_l"])
+    metrics: List[TaskMetric] = field(default_factory=lambda: list(TaskMetric))
 
 
 @dataclass
@@ -146,7 +166,7 @@ class EvalConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "sft"  # sft: next-token loss on the targets of each record
+    name: Objective = Objective.sft  # sft: next-token loss on the targets of each record
 
 
 @dataclass
@@ -169,7 +189,7 @@ class StageConfig:
 class PipelineConfig:
     stages: List[StageConfig] = field(default_factory=list)  # empty: a single run, no pipeline
     only: Optional[str] = None  # run this stage alone (chained from an earlier stage's folder if present)
-    carry: str = "best"  # what the next stage starts from: the stage's best adapters, or its last
+    carry: Carry = Carry.best  # what the next stage starts from: the stage's best adapters, or its last
 
 
 @dataclass
@@ -211,7 +231,7 @@ class GenerateConfig:
     adapter: Any = None  # likewise
     run: Optional[str] = None  # a training run folder: its base model and adapters in one word
     adapter_path: Optional[str] = None
-    checkpoint: str = "best"  # with run=: its best adapters (adapters/best, when it has them) or its last
+    checkpoint: Carry = Carry.best  # with run=: its best adapters (adapters/best, when it has them) or its last
     temperature: float = 0.0  # 0: greedy
     num_tokens: int = 256
     top_p: float = 1.0  # 1: off
@@ -236,68 +256,53 @@ def register() -> None:
     ConfigStore.instance().store(name="tuning_fork_generate_schema", node=GenerateConfig, replace=True)
 
 
+# Range checks that types cannot express: (key, test on a set value, what to do). A value that is null, or
+# still derived by tf.plan (an interpolation), is not tested.
+RANGES = [
+    ("schedule.batch_size", lambda v: v >= 1, "use a batch size of at least 1"),
+    ("schedule.epochs", lambda v: v > 0, "use a positive number of epochs, or epochs=null to train by iters"),
+    ("schedule.iters", lambda v: v >= 1, "use at least 1 iteration, or set schedule.epochs"),
+    *[(f"schedule.{k}", lambda v: 0 < v <= 1, "use a proportion in (0, 1]")
+      for k in ("eval_proportion_of_total", "reporting_interval_proportion", "validation_interval_proportion",
+                "adapter_save_interval_proportion")],
+    *[(f"schedule.{k}", lambda v: v > 0, "use a positive number, or null") for k in ("evals_per_epoch", "saves_per_epoch")],
+    ("schedule.grad_accumulation_steps", lambda v: v >= 1, "use at least 1"),
+    ("schedule.learning_rate", lambda v: v > 0, "use a positive learning rate"),
+    *[(f"schedule.{k}", lambda v: v >= 1, "use an interval of at least 1 iteration")
+      for k in ("steps_per_eval", "steps_per_report", "save_every")],
+    ("schedule.loss_chunk", lambda v: v >= 1, "use at least 1 position per chunk, or null"),
+    ("schedule.keep_checkpoints", lambda v: v >= 1, "keep at least 1, or null for all"),
+    ("schedule.val_batches", lambda v: v >= 1 or v == -1, "use at least 1, or -1 for the whole validation set"),
+    ("schedule.early_stopping.patience", lambda v: v >= 1, "use at least 1 validation, or null (never stop early)"),
+    ("schedule.early_stopping.min_delta", lambda v: v >= 0, "use 0 or a positive number"),
+    ("adapter.dropout", lambda v: 0.0 <= v < 1.0, "use a dropout in [0, 1)"),
+    ("adapter.num_layers", lambda v: v == -1 or v >= 1, "use -1 (all blocks) or a positive number"),
+    ("data.max_seq_length", lambda v: v >= 2, "use at least 2 tokens"),
+    ("model.quantize_bits", lambda v: v in (2, 3, 4, 5, 6, 8), "use 2, 3, 4, 5, 6 or 8"),
+    ("eval.generate.records", lambda v: v >= 0, "use 0 (off) or more records"),
+    ("eval.generate.max_tokens", lambda v: v >= 1, "use at least 1 token"),
+]
+
+
 def check(cfg) -> None:
-    """Range checks that types cannot express; each error names the key and what to do."""
-
-    def bad(key, value, want):
-        raise ConfigError(f"{key}={value!r} is invalid: {want}")
-
-    s, a, d = cfg.schedule, cfg.adapter, cfg.data
-    if s.batch_size < 1:
-        bad("schedule.batch_size", s.batch_size, "use a batch size of at least 1")
-    if s.epochs is not None and s.epochs <= 0:
-        bad("schedule.epochs", s.epochs, "use a positive number of epochs, or epochs=null to train by iters")
-    if s.epochs is None and not OmegaConf.is_interpolation(s, "iters") and s.iters < 1:
-        bad("schedule.iters", s.iters, "use at least 1 iteration, or set schedule.epochs")
-    for key in ("eval_proportion_of_total", "reporting_interval_proportion", "validation_interval_proportion",
-                "adapter_save_interval_proportion"):
-        if not 0 < s[key] <= 1:
-            bad(f"schedule.{key}", s[key], "use a proportion in (0, 1]")
-    for key in ("evals_per_epoch", "saves_per_epoch"):
-        if s[key] is not None and s[key] <= 0:
-            bad(f"schedule.{key}", s[key], "use a positive number, or null")
-    if s.grad_accumulation_steps < 1:
-        bad("schedule.grad_accumulation_steps", s.grad_accumulation_steps, "use at least 1")
-    if s.learning_rate <= 0:
-        bad("schedule.learning_rate", s.learning_rate, "use a positive learning rate")
-    for key in ("steps_per_eval", "steps_per_report", "save_every"):
-        if OmegaConf.is_interpolation(s, key):
-            continue  # derived by tf.plan: always at least 1
-        if s[key] < 1:
-            bad(f"schedule.{key}", s[key], "use an interval of at least 1 iteration")
-    if s.loss_chunk is not None and s.loss_chunk < 1:
-        bad("schedule.loss_chunk", s.loss_chunk, "use at least 1 position per chunk, or null")
-    if s.keep_checkpoints is not None and s.keep_checkpoints < 1:
-        bad("schedule.keep_checkpoints", s.keep_checkpoints, "keep at least 1, or null for all")
-    if not OmegaConf.is_interpolation(s, "val_batches") and s.val_batches < 1 and s.val_batches != -1:
-        bad("schedule.val_batches", s.val_batches, "use at least 1, or -1 for the whole validation set")
-    if s.optimizer not in OPTIMIZERS:
-        bad("schedule.optimizer", s.optimizer, f"choose one of {', '.join(OPTIMIZERS)}")
-    if a.type not in FINE_TUNE_TYPES:
-        bad("adapter.type", a.type, f"choose one of {', '.join(FINE_TUNE_TYPES)}")
+    """Range checks that types cannot express, and settings that do not go together; each error names the
+    key and what to do."""
+    for key, ok, want in RANGES:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if node is None or OmegaConf.is_interpolation(node, leaf) or node[leaf] is None:
+            continue
+        if not ok(node[leaf]):
+            raise ConfigError(f"{key}={node[leaf]!r} is invalid: {want}")
+    a, d = cfg.adapter, cfg.data
     if a.type != "full" and a.rank < 1:
-        bad("adapter.rank", a.rank, "use a rank of at least 1")
-    if not 0.0 <= a.dropout < 1.0:
-        bad("adapter.dropout", a.dropout, "use a dropout in [0, 1)")
-    if a.num_layers == 0 or a.num_layers < -1:
-        bad("adapter.num_layers", a.num_layers, "use -1 (all blocks) or a positive number")
-    if d.source not in DATA_SOURCES:
-        bad("data.source", d.source, f"choose one of {', '.join(DATA_SOURCES)}")
+        raise ConfigError(f"adapter.rank={a.rank!r} is invalid: use a rank of at least 1")
     if d.source in ("jsonl", "hf") and not d.path:
-        bad("data.path", d.path, f"data={d.source} needs data.path=" +
-            ("<folder with train.jsonl and valid.jsonl>" if d.source == "jsonl" else "<data set id>"))
-    if d.too_long not in TOO_LONG:
-        bad("data.too_long", d.too_long, f"choose one of {', '.join(TOO_LONG)}")
-    if d.max_seq_length < 2:
-        bad("data.max_seq_length", d.max_seq_length, "use at least 2 tokens")
-    if cfg.prompt.format not in PROMPT_FORMATS:
-        bad("prompt.format", cfg.prompt.format, f"choose one of {', '.join(PROMPT_FORMATS)}")
-    q = cfg.model.quantize_bits
-    if q is not None and q not in (2, 3, 4, 5, 6, 8):
-        bad("model.quantize_bits", q, "use 2, 3, 4, 5, 6 or 8")
-    if a.type == "full" and q is not None:
-        bad("model.quantize_bits", q, "adapter=full cannot train a quantized model: use adapter=qlora, or "
-            "model.quantize_bits=null")
+        raise ConfigError(f"data.path=None is invalid: data={d.source} needs data.path=" +
+                          ("<folder with train.jsonl and valid.jsonl>" if d.source == "jsonl" else "<data set id>"))
+    if a.type == "full" and cfg.model.quantize_bits is not None:
+        raise ConfigError(f"model.quantize_bits={cfg.model.quantize_bits!r} is invalid: adapter=full cannot train a "
+                          "quantized model: use adapter=qlora, or model.quantize_bits=null")
     check_evaluation(cfg)
 
 
@@ -318,25 +323,12 @@ def check_evaluation(cfg) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {want}")
 
     es, g = cfg.schedule.early_stopping, cfg.eval.generate
-    if es.patience is not None and es.patience < 1:
-        bad("schedule.early_stopping.patience", es.patience, "use at least 1 validation, or null (never stop early)")
-    if es.min_delta < 0:
-        bad("schedule.early_stopping.min_delta", es.min_delta, "use 0 or a positive number")
-    if es.mode not in ("auto", "min", "max"):
-        bad("schedule.early_stopping.mode", es.mode, "choose auto, min or max")
-    if cfg.schedule.final_validation not in ("full", "sample"):
-        bad("schedule.final_validation", cfg.schedule.final_validation, "choose full or sample")
-    if g.records < 0 or g.max_tokens < 1:
-        bad("eval.generate.records" if g.records < 0 else "eval.generate.max_tokens",
-            g.records if g.records < 0 else g.max_tokens, "use records >= 0 (0: off) and max_tokens >= 1")
     if unknown := [m for m in g.metrics if m not in SCORERS]:
         bad("eval.generate.metrics", unknown, f"choose from {', '.join(SCORERS)}")
     monitored = ["val_loss"] + ([f"val_{m}" for m in g.metrics] if g.records else [])
     if es.metric not in monitored:
         bad("schedule.early_stopping.metric", es.metric, f"choose one the run logs: {', '.join(monitored)}"
             + ("" if g.records else " (task metrics need eval.generate.records > 0)"))
-    if cfg.pipeline.carry not in ("best", "last"):
-        bad("pipeline.carry", cfg.pipeline.carry, "choose best or last")
 
 
 def result_metrics(cfg, has_test: bool) -> list[str]:

@@ -351,7 +351,7 @@ def output_dir(cfg) -> Path:
 
 def resolved_config(cfg, p: dict) -> dict:
     """The config as the run uses it: resolved, the planned steps filled in, without secrets."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["schedule"].update(p)
     return tracking.scrub(resolved)
 
