@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tuning_fork.tracking import read_metrics  # noqa: F401  (the tests read metrics.jsonl as the app does)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,8 +64,63 @@ def make_data(folder: Path, n_train=24, n_valid=8, n_test=0, fmt="chat") -> Path
     return folder
 
 
-def read_metrics(run_dir: Path):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def compose_cfg(*overrides):
+    """The training app's config for these overrides, through Hydra's compose API (no subprocess)."""
+    from hydra import compose, initialize_config_module
+
+    from tuning_fork import config
+
+    config.register()
+    with initialize_config_module("tuning_fork.conf"):
+        return compose("config", overrides=list(overrides))
+
+
+def one_line_error(proc, *needles):
+    """A CLI failure as the README promises it: exit 2, one `tuning_fork: error:` line, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tuning_fork: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# ------------------------------------------------------------------------- stopping and resuming runs
+
+
+def adapters(run_dir, name="adapters.safetensors"):
+    import mlx.core as mx
+
+    return mx.load(str(run_dir / "adapters" / name))
+
+
+def max_difference(a, b) -> float:
+    import mlx.core as mx
+
+    assert a.keys() == b.keys()
+    return max(mx.abs(a[k] - b[k]).max().item() for k in a)
+
+
+def reports(run_dir):
+    return [{k: m[k] for k in ("iteration", "train_loss", "val_loss", "trained_tokens", "test_loss") if k in m}
+            for m in read_metrics(run_dir)]
+
+
+def wait_for_iteration(run_dir, at_least: int, proc, timeout=120):
+    """Until the run in `run_dir` has reported iteration `at_least` (the process must still run)."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        try:
+            if any(m.get("iteration", 0) >= at_least and "train_loss" in m for m in read_metrics(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the run never got going")
 
 
 @pytest.fixture(scope="session")

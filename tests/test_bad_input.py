@@ -4,17 +4,7 @@ import json
 
 import pytest
 
-from .conftest import chat, make_data, run_cli, write_jsonl
-
-
-def one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("tuning_fork: error:")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
+from .conftest import chat, make_data, one_line_error, run_cli, write_jsonl
 
 
 def train_on(folder, tmp_path, *extra):

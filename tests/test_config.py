@@ -4,23 +4,16 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from tuning_fork import config
 from tuning_fork.errors import ConfigError
 
-from .conftest import ROOT, make_data, run_cli
+from .conftest import ROOT, compose_cfg, make_data, run_cli
 
 CONF = ROOT / "tuning_fork" / "conf"
 GROUPS = ["model", "data", "schedule", "adapter", "prompt"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
-
-
-def compose_cfg(*overrides):
-    config.register()
-    with initialize_config_module("tuning_fork.conf"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_every_group_has_its_required_options():

@@ -71,7 +71,7 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
     import signal
     import time
 
-    from .test_resume import adapters, max_difference, reports, wait_for_iteration
+    from .conftest import adapters, max_difference, reports, wait_for_iteration
 
     folder = make_data(tmp_path / "d", n_train=30, n_valid=8)
     args = ("data=jsonl", f"data.path={folder}", "schedule.batch_size=4", "schedule.epochs=5",

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from .conftest import make_data, read_metrics, run_cli
-from .test_bad_input import one_line_error
+from .conftest import make_data, one_line_error, read_metrics, run_cli
 
 pytest.importorskip("datasets")  # the `hf` extra, which `dev` installs
 

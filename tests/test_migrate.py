@@ -11,8 +11,7 @@ import yaml
 from tuning_fork import migrate
 from tuning_fork.pipeline import _merge
 
-from .conftest import make_data
-from .test_config import compose_cfg
+from .conftest import compose_cfg, make_data
 
 # The keys and values of mlx-lm's mlx_lm/examples/lora_config.yaml (its optional blocks below, as VARIANTS)
 EXAMPLE = """

@@ -52,9 +52,10 @@ def test_packed_masks_stay_inside_each_record():
 
 @pytest.fixture(scope="module")
 def tiny_lora():
+    from omegaconf import OmegaConf
+
     from tuning_fork import models
     from tuning_fork.config import AdapterConfig, ModelConfig
-    from omegaconf import OmegaConf
 
     model, tokenizer = models.load(OmegaConf.structured(ModelConfig(path="tiny")))
     models.attach(model, OmegaConf.structured(AdapterConfig(rank=4)), OmegaConf.structured(ModelConfig()))
@@ -88,7 +89,7 @@ def test_packed_and_unpacked_training_reach_the_same_validation_loss(tmp_path):
     """Same records, same epochs, about the same tokens per step (8 records, or 1 row of about 8 records)."""
     from tuning_fork.train import train
 
-    from .test_config import compose_cfg
+    from .conftest import compose_cfg
 
     folder = make_data(tmp_path / "d", n_train=64, n_valid=16)
     common = ("data=jsonl", f"data.path={folder}", "schedule.epochs=6", "schedule.learning_rate=1e-3",

@@ -9,9 +9,17 @@ import time
 
 import pytest
 
-from .conftest import ROOT, make_data, read_metrics, run_cli
-from .test_bad_input import one_line_error
-from .test_config import compose_cfg
+from .conftest import (
+    ROOT,
+    adapters,
+    compose_cfg,
+    make_data,
+    max_difference,
+    one_line_error,
+    reports,
+    run_cli,
+    wait_for_iteration,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -22,40 +30,9 @@ RUN = ("data=jsonl", "schedule.batch_size=2", "schedule.iters=120", "schedule.ep
        "adapter.dropout=0.1")
 
 
-def adapters(run_dir, name="adapters.safetensors"):
-    import mlx.core as mx
-
-    return mx.load(str(run_dir / "adapters" / name))
-
-
-def max_difference(a, b) -> float:
-    import mlx.core as mx
-
-    assert a.keys() == b.keys()
-    return max(mx.abs(a[k] - b[k]).max().item() for k in a)
-
-
-def reports(run_dir):
-    return [{k: m[k] for k in ("iteration", "train_loss", "val_loss", "trained_tokens", "test_loss") if k in m}
-            for m in read_metrics(run_dir)]
-
-
 def start(*args):
     return subprocess.Popen([sys.executable, "-m", "tuning_fork", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_iteration(run_dir, at_least: int, proc, timeout=120):
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        try:
-            if any(m.get("iteration", 0) >= at_least and "train_loss" in m for m in read_metrics(run_dir)):
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the run never got going")
 
 
 def stop_midway(run_dir, at: int, *args, signals=(signal.SIGTERM,)):
@@ -219,7 +196,6 @@ def test_credentials_never_reach_the_run_folder(tmp_path):
 
 
 def test_remote_code_is_never_trusted_by_default():
-    from .test_config import compose_cfg
 
     for model in ("tiny", "mistral", "llama3", "llama3_2", "qwen", "gemma", "phi"):
         assert compose_cfg(f"model={model}").model.trust_remote_code is False

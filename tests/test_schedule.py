@@ -113,8 +113,7 @@ def test_summary_prints_statistics_and_plan_and_trains_nothing(tmp_path):
 def test_a_run_follows_the_derived_plan(tmp_path):
     from tuning_fork.train import train
 
-    from .conftest import read_metrics
-    from .test_config import compose_cfg
+    from .conftest import compose_cfg, read_metrics
 
     folder = make_data(tmp_path / "d", n_train=18, n_valid=6)
     cfg = compose_cfg("data=jsonl", f"data.path={folder}", f"output_dir={tmp_path / 'run'}",
@@ -130,7 +129,7 @@ def test_a_run_follows_the_derived_plan(tmp_path):
 def test_summary_with_packing_plans_in_packed_rows(tmp_path):
     from tuning_fork.summary import summarize
 
-    from .test_config import compose_cfg
+    from .conftest import compose_cfg
 
     folder = make_data(tmp_path / "d", n_train=37, n_valid=9)
     cfg = compose_cfg("summary=true", "data=jsonl", f"data.path={folder}", "schedule.batch_size=2",

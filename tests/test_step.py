@@ -81,8 +81,7 @@ def test_a_paced_training_run_matches_an_unpaced_one(tmp_path, monkeypatch):
 
     from tuning_fork import train as train_module
 
-    from .conftest import make_data
-    from .test_config import compose_cfg
+    from .conftest import compose_cfg, make_data
 
     folder = make_data(tmp_path / "d", n_train=40, n_valid=8)
     records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, make_data, read_metrics
-from .test_config import compose_cfg
+from .conftest import ROOT, compose_cfg, make_data, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +140,7 @@ def test_a_run_without_wandb_does_not_import_it(tmp_path):
     folder = make_data(tmp_path / "data")
     code = ("import sys\n"
             "from tuning_fork.train import train\n"
-            "from tests.test_config import compose_cfg\n"
+            "from tests.conftest import compose_cfg\n"
             f"train(compose_cfg('data=jsonl', 'data.path={folder}', 'output_dir={tmp_path / 'run'}', "
             "'schedule.iters=2', 'schedule.epochs=null'))\n"
             "print('WANDB', 'wandb' in sys.modules, 'mlx_lm.tuner' in sys.modules)")

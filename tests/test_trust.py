@@ -11,8 +11,7 @@ import pytest
 from tuning_fork import evaluation
 from tuning_fork.errors import ConfigError
 
-from .conftest import chat, make_data, read_metrics, run_cli, write_jsonl
-from .test_config import compose_cfg
+from .conftest import chat, compose_cfg, make_data, read_metrics, run_cli, write_jsonl
 
 SHORT = ("data=jsonl", "schedule.batch_size=4", "schedule.epochs=null", "schedule.iters=12",
          "schedule.steps_per_eval=3", "schedule.steps_per_report=3", "schedule.save_every=3")
@@ -304,8 +303,9 @@ def test_ctrl_c_outside_the_loop_exits_130():
 
 
 def test_the_console_script_patches_follower_ranks():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from tuning_fork.__main__ import cli
 

@@ -259,8 +259,6 @@ def register() -> None:
 # Range checks that types cannot express: (key, test on a set value, what to do). A value that is null, or
 # still derived by tf.plan (an interpolation), is not tested.
 RANGES = [
-    ("schedule.batch_size", lambda v: v >= 1, "use a batch size of at least 1"),
-    ("schedule.epochs", lambda v: v > 0, "use a positive number of epochs, or epochs=null to train by iters"),
     ("schedule.iters", lambda v: v >= 1, "use at least 1 iteration, or set schedule.epochs"),
     *[(f"schedule.{k}", lambda v: 0 < v <= 1, "use a proportion in (0, 1]")
       for k in ("eval_proportion_of_total", "reporting_interval_proportion", "validation_interval_proportion",
@@ -287,6 +285,9 @@ RANGES = [
 def check(cfg) -> None:
     """Range checks that types cannot express, and settings that do not go together; each error names the
     key and what to do."""
+    from .schedule import check_inputs
+
+    check_inputs(cfg.schedule.batch_size, cfg.schedule.epochs)
     for key, ok, want in RANGES:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent)

@@ -233,9 +233,9 @@ def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
     from .prompts import render
 
     if fmt == "tokenizer":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("the model's tokenizer has no chat template: choose a prompt format "
-                            "(prompt=chatml|llama3|mistral|alpaca|phi|gemma)")
+        from .models import require_chat_template
+
+        require_chat_template(tokenizer, "the model's tokenizer")
         return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                                   return_dict=False))
     return tokenizer.encode(render(fmt, messages, add_generation_prompt=add_generation_prompt),

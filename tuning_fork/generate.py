@@ -39,9 +39,9 @@ def generate(cfg) -> str:
         from .models import load_tokenizer
 
         tokenizer = load_tokenizer(base, trusted(cfg))
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"{base} has no chat template: choose a prompt format "
-                              "(prompt=chatml|llama3|mistral|alpaca|phi|gemma)")
+        from .models import require_chat_template
+
+        require_chat_template(tokenizer, base)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
         tokenizer = None

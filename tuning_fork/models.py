@@ -203,9 +203,7 @@ def attach(model, adapter, model_cfg) -> dict:
         quantization = {"bits": model_cfg.quantize_bits, "group_size": model_cfg.quantize_group_size}
     model.freeze()
 
-    config = {"fine_tune_type": "full" if adapter.type == "full" else
-              ("dora" if adapter.type == "dora" else "lora"),
-              "num_layers": num_layers}
+    config = {"fine_tune_type": fine_tune_type(adapter.type), "num_layers": num_layers}
     if adapter.type == "full":
         if quantization or is_quantized(model):
             raise ConfigError("adapter=full cannot train a quantized model: use adapter=lora (QLoRA) or an "
@@ -229,6 +227,17 @@ def attach(model, adapter, model_cfg) -> dict:
     if quantization:
         config["quantization"] = quantization
     return config
+
+
+def fine_tune_type(adapter_type) -> str:
+    """mlx-lm's fine_tune_type for an adapter type: QLoRA is LoRA on a quantized model."""
+    return "lora" if adapter_type == "qlora" else str(adapter_type)
+
+
+def require_chat_template(tokenizer, name: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{name} has no chat template: choose a prompt format "
+                          "(prompt=chatml|llama3|mistral|alpaca|phi|gemma)")
 
 
 def trainable_weights(model) -> dict:

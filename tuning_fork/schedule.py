@@ -40,19 +40,25 @@ def parse_interval(text, steps_per_epoch: int, key: str) -> int:
     return int(value * steps_per_epoch) if unit == "ep" else int(value)
 
 
+def check_inputs(batch_size, epochs) -> None:
+    """What the plan divides by: checked here, for the resolver (`--cfg job --resolve`) and every run."""
+    if batch_size < 1:
+        raise ConfigError(f"schedule.batch_size={batch_size!r} is invalid: use a batch size of at least 1")
+    if epochs is not None and epochs <= 0:
+        raise ConfigError(f"schedule.epochs={epochs!r} is invalid: use a positive number of epochs, or "
+                          "epochs=null to train by iters")
+
+
 def plan(n_train: int, n_valid: int, s, iters: int | None = None) -> dict:
     """The derived schedule for `s` (the schedule config; any mapping with its keys).
 
     `iters`: the iteration count when set explicitly; ignored when `s.epochs` is set (epochs win)."""
     get = s.get if hasattr(s, "get") else (lambda k, d=None: getattr(s, k, d))
+    check_inputs(get("batch_size"), get("epochs"))
     B = int(get("batch_size"))
-    if B < 1:
-        raise ConfigError(f"schedule.batch_size={B} is invalid: use a batch size of at least 1")
     E = max(1, math.ceil(n_train / B))
     epochs = get("epochs")
     if epochs is not None:
-        if epochs <= 0:
-            raise ConfigError(f"schedule.epochs={epochs} is invalid: use a positive number of epochs")
         iters = max(1, int(E * epochs))
     else:
         iters = max(1, int(iters)) if iters is not None else E

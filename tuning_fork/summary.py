@@ -34,96 +34,117 @@ def packed_waste(lengths, batch_size: int, max_seq_length: int, seed: int) -> tu
 
 
 def batcher_waste(lengths, batch_size: int, max_seq_length: int, seed: int,
-                  packing: bool = False) -> tuple[float, float]:
+                  packing: bool = False) -> tuple[float, float, int | None]:
     """Padding waste of one epoch: tuning_fork's batches (length-aware, or packed) vs mlx-lm's (unsorted,
-    in effect)."""
+    in effect); and with packing, the rows the epoch holds."""
     import numpy as np
 
+    rows = None
     if packing:
-        ours = packed_waste(lengths, batch_size, max_seq_length, seed)[0]
+        ours, rows = packed_waste(lengths, batch_size, max_seq_length, seed)
     else:
         ours = padding(lengths, data.batch_order(lengths, batch_size, seed, 0), max_seq_length,
                        lambda m: data.pad_width(m, max_seq_length))
     perm = np.random.default_rng(seed).permutation(len(lengths))
     theirs_batches = [perm[i:i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
     theirs = padding(lengths, theirs_batches, max_seq_length, lambda m: min(max_seq_length, 1 + 32 * -(-m // 32)))
-    return ours, theirs
+    return ours, theirs, rows
 
 
 def summarize(cfg) -> dict:
+    """Print the data's statistics and the plan; return both (and the equivalent mlx-lm command)."""
     from rich.console import Console
-    from rich.table import Table
 
     config_schema.check(cfg)
     splits = data.load_splits(cfg.data)
     base = models.resolve(cfg.model.path)
     tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
-    s, max_len = cfg.schedule, cfg.data.max_seq_length
-
     console = Console()
+    out = {"splits": split_stats(cfg, splits, tokenizer, console)}
+    out["plan"] = plan_of(cfg, out["splits"])
+    console.print(plan_table(cfg, out["plan"]))
+    out["mlx_lm_command"] = mlx_lm_command(cfg, base, out["plan"])
+    console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
+    console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
+    return out
+
+
+def split_stats(cfg, splits, tokenizer, console) -> dict:
+    """Per split: records, tokens, mean and longest record, records over max_seq_length, records that
+    train (data.too_long), padding of our batches and of mlx-lm's; packed rows for the train split."""
+    from rich.table import Table
+
+    s, max_len = cfg.schedule, cfg.data.max_seq_length
     stats = Table(title=f"data: {cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''}")
-    ours_label = "pad (packed)" if cfg.data.packing else "pad (ours)"
-    for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}", ours_label,
-                "pad (mlx-lm)"):
+    for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}",
+                "pad (packed)" if cfg.data.packing else "pad (ours)", "pad (mlx-lm)"):
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
-    out = {"splits": {}}
+    out = {}
     for name, split in splits.items():
         encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt)
         lengths = [len(ids) for ids, _ in encoded]
         kept = [len(ids) for ids, _ in data.limit_lengths(encoded, split, cfg.data)[0]]  # what trains (too_long)
         packing = cfg.data.packing and name == "train"  # validation and test are never packed
-        ours, theirs = batcher_waste(lengths, min(s.batch_size, len(lengths)), max_len, cfg.seed, packing)
+        ours, theirs, rows = batcher_waste(kept, min(s.batch_size, len(kept)), max_len, cfg.seed, packing)
         row = dict(records=len(lengths), tokens=sum(lengths), mean=sum(lengths) / len(lengths), max=max(lengths),
                    too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs, kept=len(kept))
-        if packing:
-            row["rows"] = packed_waste(kept, s.batch_size, max_len, cfg.seed)[1]
-        out["splits"][name] = row
+        if rows is not None:
+            row["rows"] = rows
+        out[name] = row
         stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
                       f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
     console.print(stats)
+    return out
 
-    train = out["splits"]["train"]
-    n_train, n_valid = train.get("rows", train["kept"]), out["splits"]["valid"]["kept"]
+
+def plan_of(cfg, stats: dict) -> dict:
+    """The plan a run with this config follows, from the split statistics."""
+    s, train = cfg.schedule, stats["train"]
+    n_train, n_valid = train.get("rows", train["kept"]), stats["valid"]["kept"]
     p = schedule.plan(n_train, n_valid, s)
     p.update(schedule.run_plan(cfg, n_train, n_valid))  # what the run will use (explicit values kept)
     whole = -(-n_valid // s.batch_size)
     p["validated_records"] = n_valid if p["val_batches"] == -1 or p["val_batches"] >= whole else \
         min(n_valid, p["val_batches"] * s.batch_size)
+    p["valid_records"] = n_valid
     p["validated_share"] = p["validated_records"] / n_valid
     p["optimizer_updates"] = math.ceil(p["iters"] / s.grad_accumulation_steps)
-    p["tokens_per_epoch"] = out["splits"]["train"]["tokens"]
+    p["tokens_per_epoch"] = train["tokens"]
     p["epochs"] = p["iters"] / p["steps_per_epoch"]
     if "rows" in train:
         p["packed_rows_per_epoch"] = train["rows"]
-    plan = Table(title="plan", show_header=False)
-    plan.add_column("", justify="left")
-    plan.add_column("", justify="right")
-    for label, key, fmt in [("batches per epoch (E)", "steps_per_epoch", "{:,}"), ("epochs", "epochs", "{:.2f}"),
-                            ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
-                            ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
-                            ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
-                            ("tokens per epoch", "tokens_per_epoch", "{:,}"),
-                            ("packed rows per epoch", "packed_rows_per_epoch", "{:,}")]:
+    return p
+
+
+PLAN_ROWS = [("batches per epoch (E)", "steps_per_epoch", "{:,}"), ("epochs", "epochs", "{:.2f}"),
+             ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
+             ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
+             ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
+             ("tokens per epoch", "tokens_per_epoch", "{:,}"), ("packed rows per epoch", "packed_rows_per_epoch", "{:,}")]
+
+
+def plan_table(cfg, p: dict):
+    from rich.table import Table
+
+    table = Table(title="plan", show_header=False)
+    table.add_column("", justify="left")
+    table.add_column("", justify="right")
+    for label, key, fmt in PLAN_ROWS:
         if key in p:
-            plan.add_row(label, fmt.format(p[key]))
-    sampled = p["validated_records"] < n_valid
-    plan.add_row("validated", f"{p['validated_records']:,} of {n_valid:,} records ({p['validated_share']:.0%})"
-                 + (", a seeded sample stratified by length" if sampled else ""))
-    if sampled and s.final_validation == "full":
-        plan.add_row("final validation", f"all {n_valid:,} records")
-    console.print(plan)
-    out["plan"] = p
-    out["mlx_lm_command"] = mlx_lm_command(cfg, base, p)
-    console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
-    console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
-    return out
+            table.add_row(label, fmt.format(p[key]))
+    n_valid, sampled = p["valid_records"], p["validated_records"] < p["valid_records"]
+    table.add_row("validated", f"{p['validated_records']:,} of {n_valid:,} records ({p['validated_share']:.0%})"
+                  + (", a seeded sample stratified by length" if sampled else ""))
+    if sampled and cfg.schedule.final_validation == "full":
+        table.add_row("final validation", f"all {n_valid:,} records")
+    return table
 
 
 def mlx_lm_command(cfg, base: str, p: dict) -> str:
     s, a, d = cfg.schedule, cfg.adapter, cfg.data
     folder = str(data.data_folder(d))
     args = ["mlx_lm.lora", "--train", "--model", base, "--data", folder,
-            "--fine-tune-type", "full" if a.type == "full" else ("dora" if a.type == "dora" else "lora"),
+            "--fine-tune-type", models.fine_tune_type(a.type),
             "--num-layers", str(a.num_layers), "--batch-size", str(s.batch_size), "--iters", str(p["iters"]),
             "--val-batches", str(p["val_batches"]), "--learning-rate", str(s.learning_rate),
             "--steps-per-report", str(p["steps_per_report"]), "--steps-per-eval", str(p["steps_per_eval"]),

@@ -243,7 +243,7 @@ def start_wandb(cfg, run_dir: Path, config_dict: dict, resume_id: str | None = N
     import wandb
 
     mode = os.environ.get("WANDB_MODE")
-    if mode is None and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+    if mode is None and wandb_offline():
         mode = "offline"
     if cfg.wandb.sweep_id and not cfg.wandb.sweep_id.startswith("local-") and mode != "offline":
         os.environ["WANDB_SWEEP_ID"] = cfg.wandb.sweep_id  # attach the run to the server's sweep
@@ -259,6 +259,12 @@ def start_wandb(cfg, run_dir: Path, config_dict: dict, resume_id: str | None = N
         reinit="finish_previous",
         **({"id": resume_id, "resume": "allow"} if resume_id else {}),
     )
+
+
+def wandb_offline() -> bool:
+    """No W&B server to talk to: WANDB_MODE offline or disabled, or no API key (environment or ~/.netrc)."""
+    return os.environ.get("WANDB_MODE") in ("offline", "disabled") or not (
+        os.environ.get("WANDB_API_KEY") or _has_netrc_key())
 
 
 def _has_netrc_key() -> bool:

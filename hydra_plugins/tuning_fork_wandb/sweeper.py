@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -26,7 +25,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from hydra_plugins.tuning_fork_optuna.sweeper import TuningForkOptunaSweeper, bad, check_metric, open_study, quote
+from hydra_plugins.tuning_fork_sweep.engine import Engine, bad, check_metric, open_study, quote
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def distribution(name: str, spec: dict):
                      "(use values, uniform, int_uniform, q_uniform, log_uniform or log_uniform_values)")
 
 
-class TuningForkWandbSweeper(TuningForkOptunaSweeper):
+class TuningForkWandbSweeper(Engine):
     def __init__(self, sweep_config, sweep, project, entity, count, n_jobs, seed):
         spec = OmegaConf.to_container(sweep) if sweep else {}
         if sweep_config:
@@ -116,15 +115,14 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
             pruner_args = {"min_resource": int(et.get("min_iter", 1)), "reduction_factor": int(et.get("eta", 3))}
             if "max_iter" in et:
                 pruner_args["max_resource"] = int(et["max_iter"])
-        super().__init__(sampler={"grid": "grid", "random": "random", "bayes": "tpe"}[method], seed=seed,
-                         direction="maximize" if metric.get("goal") == "maximize" else "minimize",
-                         study_name="wandb_sweep", storage=None, n_trials=count or 0, n_jobs=n_jobs,
-                         pruner=pruner, pruner_args=pruner_args, params={})
+        self.sampler_name = {"grid": "grid", "random": "random", "bayes": "tpe"}[method]
+        self.direction = "maximize" if metric.get("goal") == "maximize" else "minimize"
+        self.seed, self.n_jobs, self.pruner, self.pruner_args = seed, n_jobs, pruner, pruner_args
         self.metric = metric.get("name", "best_val_loss")
 
     def sweep(self, arguments):
         from tuning_fork.errors import TuningForkError
-        from tuning_fork.sweep_report import report
+        from hydra_plugins.tuning_fork_sweep.report import report
         from tuning_fork.trial import make_pruner
 
         check_metric(self.config, self.metric)  # before the study, the folder or a server sweep exist
@@ -148,7 +146,7 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
             pruner = make_pruner(self.pruner, self.pruner_args)
         except TuningForkError as e:
             bad(str(e))
-        study = open_study(self.study_name, storage, self._sampler(distributions), self.direction, pruner)
+        study = open_study("wandb_sweep", storage, self._sampler(distributions), self.direction, pruner)
         project = self.project or self.config.get("wandb", {}).get("project") or "tuning_fork"
         sweep_id = self._register(project) or f"local-{sweep_dir.name}"
         extra = [f"wandb.project={quote(project)}", f"wandb.group={quote(sweep_id)}",
@@ -162,9 +160,9 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
 
     def _register(self, project: str) -> Optional[str]:
         """The sweep on W&B's server when it is reachable; None offline."""
-        offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not (
-            os.environ.get("WANDB_API_KEY") or "api.wandb.ai" in _netrc())
-        if offline:
+        from tuning_fork.tracking import wandb_offline
+
+        if wandb_offline():
             return None
         try:
             import wandb
@@ -173,10 +171,3 @@ class TuningForkWandbSweeper(TuningForkOptunaSweeper):
         except Exception as e:  # no server after all: run locally
             log.warning(f"W&B sweep not registered on the server ({type(e).__name__}): running it locally")
             return None
-
-
-def _netrc() -> str:
-    try:
-        return Path(os.environ.get("NETRC", Path.home() / ".netrc")).read_text()
-    except OSError:
-        return ""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def val_curve(run_dir) -> list[tuple[int, float]]:
-    from .tracking import read_metrics
+    from tuning_fork.tracking import read_metrics
 
     if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
         return []
