@@ -96,12 +96,12 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     assert (run / "metrics.jsonl").read_text() == '{"iteration": 1, "train_loss": 1.0}\n'
 
 
-def test_another_model_path_does_not_inherit_the_tiny_models_recipe(tmp_path):
+def test_the_demo_recipe_is_refused_for_another_model(tmp_path):
     folder = make_data(tmp_path / "d")
     model = tmp_path / "my-model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    error = one_line_error(train_on(folder, tmp_path, f"model.path={model}"), "schedule=default")
+    error = one_line_error(train_on(folder, tmp_path, f"model.path={model}", "schedule=demo"), "schedule=default")
     assert "model.path=" in error and not (tmp_path / "run" / "adapters").exists()
 
 

@@ -11,7 +11,7 @@ from tuning_fork.errors import ConfigError
 
 from .conftest import ROOT, compose_cfg, make_data, run_cli
 
-CONF = ROOT / "tuning_fork" / "conf"
+CONF = ROOT / "conf"
 GROUPS = ["model", "data", "schedule", "adapter", "prompt"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
@@ -110,3 +110,67 @@ def test_cfg_job_is_fast_and_imports_nothing_heavy():
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
     assert "epochs: 3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_model_path_just_works_with_the_default_schedule_and_adapter(tmp_path):
+    """A model folder of the user's: no schedule or adapter chosen, and neither the tiny model's learning
+    rate, epochs nor LoRA rank comes along."""
+    import json
+    import shutil
+
+    from tuning_fork.models import resolve
+    from tuning_fork.train import train
+
+    model = tmp_path / "my-model"
+    shutil.copytree(resolve("tiny"), model)
+    data = make_data(tmp_path / "d")
+    result = train(compose_cfg("data=jsonl", f"data.path={data}", f"model.path={model}",
+                               f"output_dir={tmp_path / 'run'}"))
+    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert saved.schedule.learning_rate == 1e-5 and saved.schedule.batch_size == 4
+    assert saved.schedule.iters == 6  # one epoch of 24 records: schedule=default's plan
+    assert saved.adapter.rank == 16 and saved.adapter.alpha == 32
+    assert json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())["model"] == str(model)
+    assert result["iters"] == 6
+    tiny = compose_cfg()
+    assert tiny.schedule.learning_rate == 1e-3 and tiny.schedule.epochs == 55 and tiny.adapter.rank == 32
+
+
+def test_experiments_and_the_debug_preset_compose():
+    for name in (p.stem for p in (CONF / "experiment").glob("*.yaml")):
+        cfg = compose_cfg(f"experiment={name}", "data.path=./d")
+        assert cfg.model.path and cfg.schedule.batch_size >= 1
+    cfg = compose_cfg("experiment=mistral_lora", "data.path=./d")
+    assert cfg.model.path.startswith("mlx-community/Mistral") and cfg.data.mask_prompt and cfg.adapter.rank == 16
+    assert cfg.schedule.epochs == 3 and cfg.schedule.early_stopping.patience == 3
+    cfg = compose_cfg("experiment=demo")
+    assert cfg.model.path == "tiny" and cfg.schedule.made_for == "tiny" and cfg.adapter.rank == 32
+    cfg = compose_cfg("debug=fast", "schedule.iters=4")
+    assert cfg.schedule.iters == 4 and cfg.schedule.epochs is None
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_configs_and_a_projects_conf_composes_on_top(tmp_path):
+    """A non-editable install (the wheel, unpacked) composes from another folder, where ./conf of the
+    user's project adds its own options."""
+    import zipfile
+
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)],
+                   check=True, capture_output=True)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(wheel_dir.glob("*.whl"))) as whl:
+        whl.extractall(site)
+    assert (site / "tuning_fork" / "conf" / "config.yaml").exists()
+    project = tmp_path / "project"
+    (project / "conf" / "schedule").mkdir(parents=True)
+    (project / "conf" / "schedule" / "mine.yaml").write_text("batch_size: 2\nlearning_rate: 3e-4\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", "import tuning_fork, sys; print(tuning_fork.__file__)"], cwd=project,
+                          env=env, capture_output=True, text=True)
+    assert proc.stdout.startswith(str(site)), proc.stdout + proc.stderr  # the wheel's copy, not the checkout
+    proc = subprocess.run([sys.executable, "-m", "tuning_fork", "schedule=mine", "--cfg", "job"], cwd=project,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "learning_rate: 0.0003" in proc.stdout and "batch_size: 2" in proc.stdout

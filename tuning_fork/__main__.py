@@ -31,7 +31,7 @@ def app(cfg: DictConfig) -> dict:
     return train(cfg)
 
 
-@hydra.main(config_path="conf", config_name="config")
+@hydra.main(config_path="pkg://tuning_fork.conf", config_name="config")
 def main(cfg: DictConfig):
     metrics = run_app(app, cfg) or {}
     return metrics.get(cfg.optimized_metric)  # what a sweeper optimizes

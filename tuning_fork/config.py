@@ -311,9 +311,9 @@ def check_recipe(cfg) -> None:
     """schedule=demo is the built-in model's recipe: refused for another model.path."""
     s = cfg.schedule
     if s.made_for and s.made_for != cfg.model.path:
-        raise ConfigError(f"model.path={cfg.model.path} with the built-in model's recipe (schedule=demo: learning "
-                          f"rate {s.learning_rate:g}) that model=tiny brought: choose a schedule "
-                          "for this model, e.g. schedule=default or schedule=epochs3, or a preset such as model=mistral")
+        raise ConfigError(f"model.path={cfg.model.path} with schedule=demo, the built-in model's recipe (learning "
+                          f"rate {s.learning_rate:g} for random weights): leave schedule out (schedule=auto), or "
+                          "choose schedule=default or schedule=epochs3")
 
 
 def check_evaluation(cfg) -> None:

@@ -209,7 +209,7 @@ def read_few_shot(source: str) -> list:
     return [m for m in messages if m["role"] != "system"]
 
 
-@hydra.main(config_path="conf", config_name="generate")
+@hydra.main(config_path="pkg://tuning_fork.conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     run_app(generate, cfg)
 

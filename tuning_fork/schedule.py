@@ -132,6 +132,14 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("tf.plan"):
         OmegaConf.register_resolver("tf.plan", _resolve_plan, annotation_validation="off")
+    if not OmegaConf.has_resolver("tf.if_tiny"):
+        OmegaConf.register_resolver("tf.if_tiny", _if_tiny, annotation_validation="off")
+
+
+def _if_tiny(for_tiny, for_others, *, _root_):
+    """`${tf.if_tiny:A,B}`: A when model.path is the built-in tiny model, else B. The tiny model's recipe
+    (random weights: a high learning rate, many passes, a big rank) reaches no other model."""
+    return for_tiny if _root_.model.path == "tiny" else for_others
 
 
 def run_plan(cfg, units: int, n_valid: int) -> dict:
