@@ -286,7 +286,7 @@ def test_full_fine_tuning_of_a_quantized_model_is_refused_before_any_work():
     cfg = compose_cfg("adapter=full", "model.quantize_bits=4")
     with pytest.raises(ConfigError, match="adapter=full cannot train a quantized model"):
         config.check(cfg)
-    cfg = compose_cfg("model.path=./elsewhere")
+    cfg = compose_cfg("model.path=./elsewhere", "schedule=demo")
     with pytest.raises(ConfigError, match="schedule=default"):
         config.check_recipe(cfg)
 
