@@ -9,8 +9,7 @@ from .conftest import make_data, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["schedule.epochs=null", "schedule.iters=8", "schedule.steps_per_eval=4", "schedule.steps_per_report=4",
-         "schedule.save_every=8", "schedule.batch_size=4"]
+SHORT = ["debug=fast"]
 
 
 def pipeline_dir(tmp_path, stages):

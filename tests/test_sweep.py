@@ -11,8 +11,7 @@ from .conftest import ROOT, make_data, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-FAST = ["schedule.epochs=null", "schedule.iters=6", "schedule.steps_per_eval=2", "schedule.steps_per_report=3",
-        "schedule.save_every=6", "schedule.batch_size=4"]
+FAST = ["debug=fast", "schedule.steps_per_eval=2"]  # validations at 0, 2, 4, 6: room to prune
 
 
 def study(db, name="tuning_fork"):
@@ -33,24 +32,24 @@ def data(tmp_path_factory):
 
 def test_optuna_preset_study_resumes_and_reports(tmp_path, data):
     sweep_dir = tmp_path / "X"
-    args = ["--multirun", "hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep_dir}",
-            "data=jsonl", f"data.path={data}", *FAST[:-1]]
+    args = ["--multirun", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}",
+            "data=jsonl", f"data.path={data}", *FAST]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = study(sweep_dir / "optuna.db").trials
-    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+    assert len(trials) == 2 and all(t.state.is_finished() for t in trials)
     assert {"schedule.learning_rate", "adapter.rank"} <= set(trials[0].params)
     for name in ("trials.csv", "val_loss.png", "optimization_results.yaml"):
         assert (sweep_dir / name).exists(), name
     assert "best val loss" in proc.stdout and "trial" in proc.stdout
     csv = (sweep_dir / "trials.csv").read_text().splitlines()
-    assert csv[0].startswith("trial,") and len(csv) == 4
+    assert csv[0].startswith("trial,") and len(csv) == 3
     assert (sweep_dir / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     again = run_cli(*args)  # the same command continues the study
     assert again.returncode == 0, again.stderr[-3000:]
     trials = study(sweep_dir / "optuna.db").trials
-    assert len(trials) == 6 and sorted(t.number for t in trials) == list(range(6))
-    assert all((sweep_dir / str(n) / "metrics.jsonl").exists() for n in range(6))  # one folder per trial
+    assert len(trials) == 4 and sorted(t.number for t in trials) == list(range(4))
+    assert all((sweep_dir / str(n) / "metrics.jsonl").exists() for n in range(4))  # one folder per trial
 
 
 def test_a_hopeless_trial_is_pruned_before_its_last_iteration(tmp_path, data):
@@ -127,10 +126,10 @@ def test_two_sweep_processes_share_one_study(tmp_path, data):
 def test_wandb_sweep_offline_one_run_per_job(tmp_path, data):
     sweep_dir = tmp_path / "Y"
     proc = run_cli("--multirun", "hparams_search=wandb", f"hydra.sweep.dir={sweep_dir}", "data=jsonl",
-                   f"data.path={data}", *FAST[:-1], "hydra.sweeper.sweep.run_cap=3", env={"WANDB_MODE": "offline"})
+                   f"data.path={data}", *FAST, "hydra.sweeper.sweep.run_cap=2", env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = study(sweep_dir / "optuna.db", "wandb_sweep").trials
-    assert len(trials) == 3
+    assert len(trials) == 2
     assert {"schedule.learning_rate", "schedule.batch_size", "adapter.rank", "adapter.dropout"} == set(trials[0].params)
     for t in trials:
         runs = list((sweep_dir / str(t.number) / "wandb").glob("offline-run-*"))

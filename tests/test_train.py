@@ -16,9 +16,8 @@ def train_in_process(tmp_path, *overrides, data=None):
     from tuning_fork.train import train
 
     folder = data or make_data(tmp_path / "data", n_test=4)
-    cfg = compose_cfg("data=jsonl", f"data.path={folder}", f"output_dir={tmp_path / 'run'}",
-                      "schedule.batch_size=4", "schedule.iters=12", "schedule.steps_per_eval=6",
-                      "schedule.steps_per_report=3", "schedule.save_every=6", "schedule.epochs=null", *overrides)
+    cfg = compose_cfg("data=jsonl", f"data.path={folder}", f"output_dir={tmp_path / 'run'}", "debug=fast",
+                      "schedule.iters=12", *overrides)
     return train(cfg), tmp_path / "run"
 
 
