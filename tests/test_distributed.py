@@ -73,8 +73,8 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
 
     from .conftest import adapters, max_difference, reports, wait_for_iteration
 
-    folder = make_data(tmp_path / "d", n_train=30, n_valid=8)
-    args = ("data=jsonl", f"data.path={folder}", "schedule.batch_size=4", "schedule.epochs=3",
+    folder = make_data(tmp_path / "d", n_train=16, n_valid=8)
+    args = ("data=jsonl", f"data.path={folder}", "schedule.batch_size=4", "schedule.epochs=4",
             "schedule.learning_rate=1e-3", "schedule.steps_per_report=1", "schedule.steps_per_eval=20",
             "schedule.save_every=3", "adapter.dropout=0.1")
     whole = launch(2, *args, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
