@@ -57,7 +57,7 @@ def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps
             pace.before(tokens.size)
             if paced:
                 assert (limit_now() == 1) == (n in strict_at), n
-            value, _, grad = step((tokens, mx.ones((tokens.shape[0], tokens.shape[1] - 1), dtype=mx.bool_)),
+            value, _, _, grad = step((tokens, mx.ones((tokens.shape[0], tokens.shape[1] - 1), dtype=mx.bool_)),
                                   grad, n % 2 == 0)
             mx.eval(state, value, grad)
             pace.stepped(n % 2 == 0)

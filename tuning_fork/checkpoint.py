@@ -45,6 +45,7 @@ class Window:
     tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)  # the objective's metrics, summed over the window's steps
 
 
 @dataclass

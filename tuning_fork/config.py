@@ -35,7 +35,8 @@ AdapterType = choice("AdapterType", "lora", "dora", "full", "qlora")
 DataSource = choice("DataSource", "demo", "jsonl", "hf")
 TooLong = choice("TooLong", "truncate", "drop", "error")
 PromptFormat = choice("PromptFormat", "tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
-Objective = choice("Objective", "sft")
+Objective = choice("Objective", "sft", "dpo", "orpo", "simpo")
+LossType = choice("LossType", "sigmoid", "ipo", "hinge")
 Direction = choice("Direction", "auto", "min", "max")
 FinalValidation = choice("FinalValidation", "full", "sample")
 Carry = choice("Carry", "best", "last")
@@ -66,6 +67,9 @@ class DataConfig:
     prompt_feature: str = "prompt"
     completion_feature: str = "completion"
     chat_feature: str = "messages"
+    chosen_feature: str = "chosen"  # preference pairs (objective=dpo|orpo|simpo)
+    rejected_feature: str = "rejected"
+    system_feature: str = "system"
     mask_prompt: bool = False  # completion-only loss
     max_seq_length: int = 2048
     too_long: TooLong = TooLong.truncate  # records over max_seq_length tokens: truncate | drop | error
@@ -166,7 +170,11 @@ class EvalConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Objective = Objective.sft  # sft: next-token loss on the targets of each record
+    name: Objective = Objective.sft  # sft: next-token loss on the targets of each record; dpo | orpo | simpo: pairs
+    beta: float = 0.1  # dpo: the KL weight β; orpo: λ; simpo: β (its group file sets 2.0)
+    loss_type: LossType = LossType.sigmoid  # dpo: sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # dpo (sigmoid), simpo: the probability ε that a pair's labels are flipped
+    gamma_beta_ratio: float = 0.5  # simpo: γ/β, the target reward margin over β
 
 
 @dataclass
@@ -278,6 +286,8 @@ RANGES = [
     ("data.max_seq_length", lambda v: v >= 2, "use at least 2 tokens"),
     ("model.quantize_bits", lambda v: v in (2, 3, 4, 5, 6, 8), "use 2, 3, 4, 5, 6 or 8"),
     ("eval.generate.records", lambda v: v >= 0, "use 0 (off) or more records"),
+    ("objective.beta", lambda v: v > 0, "use a positive beta"),
+    ("objective.label_smoothing", lambda v: 0 <= v < 0.5, "use a label smoothing in [0, 0.5)"),
     ("eval.generate.max_tokens", lambda v: v >= 1, "use at least 1 token"),
 ]
 
@@ -326,10 +336,18 @@ def check_evaluation(cfg) -> None:
     es, g = cfg.schedule.early_stopping, cfg.eval.generate
     if unknown := [m for m in g.metrics if m not in SCORERS]:
         bad("eval.generate.metrics", unknown, f"choose from {', '.join(SCORERS)}")
-    monitored = ["val_loss"] + ([f"val_{m}" for m in g.metrics] if g.records else [])
+    monitored = ["val_loss"] + [f"val_{m}" for m in objective_metrics(cfg)]
     if es.metric not in monitored:
         bad("schedule.early_stopping.metric", es.metric, f"choose one the run logs: {', '.join(monitored)}"
             + ("" if g.records else " (task metrics need eval.generate.records > 0)"))
+
+
+def objective_metrics(cfg) -> list[str]:
+    """The metrics each validation logs besides val_loss (without the val_ prefix)."""
+    from .evaluation import PREFERENCE_METRICS
+
+    names = [str(m) for m in cfg.eval.generate.metrics] if cfg.eval.generate.records else []
+    return names + (list(PREFERENCE_METRICS) if cfg.objective.name != "sft" else [])
 
 
 def result_metrics(cfg, has_test: bool) -> list[str]:
@@ -337,9 +355,8 @@ def result_metrics(cfg, has_test: bool) -> list[str]:
     names = ["best_val_loss", "val_loss", "first_val_loss", "train_loss", "best_iteration"]
     if cfg.schedule.final_validation == "full":
         names.append("val_loss_full")
-    if cfg.eval.generate.records:
-        for m in cfg.eval.generate.metrics:
-            names += [f"val_{m}", f"best_val_{m}"]
+    for m in objective_metrics(cfg):
+        names += [f"val_{m}", f"best_val_{m}"]
     if has_test:
         names += ["test_loss", "test_ppl"]
     return names

@@ -43,6 +43,8 @@ class Split:
 
 
 def record_format(rec: dict, fields) -> str | None:
+    if fields.chosen_feature in rec and fields.rejected_feature in rec:
+        return "preference"
     if fields.prompt_feature in rec and fields.completion_feature in rec:
         return "completions"
     if fields.chat_feature in rec:
@@ -54,6 +56,8 @@ def record_format(rec: dict, fields) -> str | None:
 
 def _check_record(rec, fmt: str, fields) -> str | None:
     """What is wrong with one record of a known format, or None."""
+    if fmt == "preference":
+        return _check_preference(rec, fields)
     if fmt == "completions":
         for k in (fields.prompt_feature, fields.completion_feature):
             if not isinstance(rec[k], str):
@@ -62,14 +66,44 @@ def _check_record(rec, fmt: str, fields) -> str | None:
         if not isinstance(rec[fields.text_feature], str) or not rec[fields.text_feature]:
             return f'"{fields.text_feature}" must be a non-empty string'
     else:
-        msgs = rec[fields.chat_feature]
-        if not isinstance(msgs, list) or not msgs:
-            return f'"{fields.chat_feature}" must be a non-empty list of {{"role", "content"}} messages'
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return f'message {i} must be an object with a "role" string'
-            if not isinstance(m.get("content"), str) and not m.get("tool_calls"):
-                return f'message {i} ({m["role"]}) must have a "content" string'
+        problem = _check_messages(rec[fields.chat_feature], fields.chat_feature)
+        return problem and problem.replace(f"{fields.chat_feature} message", "message")
+    return None
+
+
+def _check_messages(msgs, name: str) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return f'"{name}" must be a non-empty list of {{"role", "content"}} messages'
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f'{name} message {i} must be an object with a "role" string'
+        if not isinstance(m.get("content"), str) and not m.get("tool_calls"):
+            return f'{name} message {i} ({m["role"]}) must have a "content" string'
+    return None
+
+
+def _check_preference(rec, fields) -> str | None:
+    """{"prompt", "chosen", "rejected"} strings (optional "system"), or chosen and rejected conversations that
+    share every turn before their last assistant turn."""
+    c, r = rec[fields.chosen_feature], rec[fields.rejected_feature]
+    if isinstance(c, str) and isinstance(r, str):
+        if not isinstance(rec.get(fields.prompt_feature), str):
+            return f'a preference pair of strings needs a "{fields.prompt_feature}" string'
+        if not isinstance(rec.get(fields.system_feature, ""), str):
+            return f'"{fields.system_feature}" must be a string'
+    elif isinstance(c, list) and isinstance(r, list):
+        for msgs, name in ((c, fields.chosen_feature), (r, fields.rejected_feature)):
+            if problem := _check_messages(msgs, name):
+                return problem
+            if msgs[-1].get("role") != "assistant":
+                return f'the last message of "{name}" must be the assistant\'s answer'
+        if c[:-1] != r[:-1]:
+            return (f'"{fields.chosen_feature}" and "{fields.rejected_feature}" differ before their last assistant '
+                    "turn: the turns before it are the shared prompt")
+    else:
+        return f'"{fields.chosen_feature}" and "{fields.rejected_feature}" must both be strings or both message lists'
+    if c == r:
+        return f'"{fields.chosen_feature}" and "{fields.rejected_feature}" are identical: nothing to prefer'
     return None
 
 
@@ -206,6 +240,51 @@ def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int],
     return out
 
 
+def preference_conversations(rec: dict, data, prompt) -> tuple[list, list, object]:
+    """(chosen, rejected) conversations of a preference record: strings become a user turn and an assistant
+    answer (after the record's "system", else prompt.system); chat form is taken as it is."""
+    c, r = rec[data.chosen_feature], rec[data.rejected_feature]
+    if isinstance(c, list):
+        return c, r, rec.get("tools")
+    head = [{"role": "user", "content": rec[data.prompt_feature]}]
+    system = rec.get(data.system_feature) or prompt.system
+    if system:
+        head.insert(0, {"role": "system", "content": system})
+    return head + [{"role": "assistant", "content": c}], head + [{"role": "assistant", "content": r}], None
+
+
+def encode_pairs(split: Split, tokenizer, data, prompt) -> list[list]:
+    """Every preference record as [chosen ids, chosen offset, rejected ids, rejected offset, reference chosen
+    log-prob, reference rejected log-prob] (the references filled in later, when the objective needs them).
+    The prompt is never a target: each offset is where the answer starts."""
+    if split.format != "preference":
+        raise DataError(f"{split.origin}: {split.format} records, but a preference objective needs pairs: "
+                        f'{{"{data.prompt_feature}", "{data.chosen_feature}", "{data.rejected_feature}"}} '
+                        f'or {{"{data.chosen_feature}": [messages], "{data.rejected_feature}": [messages]}}')
+    out = []
+    for rec in split.records:
+        chosen, rejected, tools = preference_conversations(rec, data, prompt)
+        offset = len(_encode_chat(tokenizer, prompt.format, chosen[:-1], tools, add_generation_prompt=True))
+        out.append([_encode_chat(tokenizer, prompt.format, chosen, tools, add_generation_prompt=False), offset,
+                    _encode_chat(tokenizer, prompt.format, rejected, tools, add_generation_prompt=False), offset,
+                    0.0, 0.0])
+    return out
+
+
+def limit_pairs(encoded: list, split: Split, data) -> tuple[list, str | None]:
+    """data.too_long for pairs: it applies to the longer answer of a pair, and a pair either side of which
+    has no target token within the limit is dropped (or refused under too_long=error)."""
+    as_records = [(c if len(c) >= len(r) else r, min(oc, orr)) for c, oc, r, orr, *_ in encoded]
+    for i, (c, oc, r, orr, *_) in enumerate(encoded):  # the shorter target decides whether a pair can train
+        if targets(c, oc, data.max_seq_length) <= 0 or targets(r, orr, data.max_seq_length) <= 0:
+            as_records[i] = (as_records[i][0], len(as_records[i][0]))
+    kept, note = limit_lengths(as_records, split, data)
+    if len(kept) == len(encoded):
+        return encoded, note
+    keep = {id(rec) for rec in kept}
+    return [pair for pair, rec in zip(encoded, as_records) if id(rec) in keep], note and note.replace("records", "pairs")
+
+
 def conversation(rec: dict, fmt: str, data, prompt) -> tuple[list, object]:
     """A completions or chat record as (messages, tools), the system prompt of `prompt` included."""
     if fmt == "completions":
@@ -220,8 +299,11 @@ def conversation(rec: dict, fmt: str, data, prompt) -> tuple[list, object]:
 def generation_prompt(rec: dict, tokenizer, data, prompt) -> tuple[list[int], str]:
     """(prompt tokens up to the last assistant turn, with the generation prompt; that turn's text): what a
     task metric asks the model and the reference it scores the answer against."""
-    fmt = "completions" if data.prompt_feature in rec and data.completion_feature in rec else "chat"
-    messages, tools = conversation(rec, fmt, data, prompt)
+    if data.chosen_feature in rec and data.rejected_feature in rec:  # a preference pair: the chosen answer
+        messages, _, tools = preference_conversations(rec, data, prompt)
+    else:
+        fmt = "completions" if data.prompt_feature in rec and data.completion_feature in rec else "chat"
+        messages, tools = conversation(rec, fmt, data, prompt)
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
         return _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=True), ""
@@ -373,6 +455,15 @@ def collate(rows, max_seq_length: int):
     return mx.array(tokens), mx.array(mask)
 
 
+def collate_pairs(pairs, max_seq_length: int):
+    """Preference pairs into (tokens, loss mask, reference chosen, reference rejected): the chosen answers in
+    the first half of the rows, the rejected in the second, so both of a pair go through the model at once."""
+    import mlx.core as mx
+
+    tokens, mask = collate([(p[0], p[1]) for p in pairs] + [(p[2], p[3]) for p in pairs], max_seq_length)
+    return (tokens, mask, mx.array([p[4] for p in pairs], mx.float32), mx.array([p[5] for p in pairs], mx.float32))
+
+
 def collate_packed(rows, max_seq_length: int):
     """Packed rows into (tokens, loss mask, segments): `segments` numbers the records of each row (1, 2, ...;
     0 is padding) so that attention stays within a record, and no target crosses a record boundary."""
@@ -402,9 +493,11 @@ class Batcher:
     length. With several data-parallel ranks each rank takes its share of every batch."""
 
     def __init__(self, batch_size: int, max_seq_length: int, seed: int = 0, packing: bool = False,
-                 rank: int = 0, size: int = 1):
+                 rank: int = 0, size: int = 1, length=None, collate_rows=None):
         self.batch_size, self.max_seq_length, self.seed, self.packing = batch_size, max_seq_length, seed, packing
         self.rank, self.size = rank, size
+        self.length = length or (lambda rec: len(rec[0]))  # what a record's length is (pairs: the longer answer)
+        self.collate = collate_rows or collate  # records to arrays
 
     def epoch(self, lengths: list[int], epoch: int) -> list:
         if self.packing:
@@ -413,10 +506,10 @@ class Batcher:
 
     def rows_per_epoch(self, dataset) -> int:
         """Rows an epoch trains: records, or packed rows (each holding several records)."""
-        return sum(len(batch) for batch in self.epoch([len(ids) for ids, _ in dataset], 0))
+        return sum(len(batch) for batch in self.epoch([self.length(rec) for rec in dataset], 0))
 
     def train(self, dataset, start: int = 0) -> Iterator:
-        lengths = [len(ids) for ids, _ in dataset]
+        lengths = [self.length(rec) for rec in dataset]
         done, epoch = 0, 0
         while True:
             batches = self.epoch(lengths, epoch)
@@ -426,17 +519,17 @@ class Batcher:
                     if self.packing:
                         yield collate_packed([[dataset[i] for i in row] for row in mine], self.max_seq_length)
                     else:
-                        yield collate([dataset[i] for i in mine], self.max_seq_length)
+                        yield self.collate([dataset[i] for i in mine], self.max_seq_length)
                 done += 1
             epoch += 1
 
     def fixed(self, dataset, indices: list[int] | None = None) -> Iterator:
         """Evaluation batches over `indices` (default: every record) in a fixed order, sorted by length so
         that rows of a batch are alike; each rank takes its share of every batch."""
-        lengths = [len(ids) for ids, _ in dataset]
+        lengths = [self.length(rec) for rec in dataset]
         order = sorted(range(len(dataset)) if indices is None else indices, key=lambda i: (lengths[i], i))
         for batch in merge_short_tail(_windows(order, self.batch_size), self.size):
-            yield collate([dataset[i] for i in batch[self.rank::self.size]], self.max_seq_length)
+            yield self.collate([dataset[i] for i in batch[self.rank::self.size]], self.max_seq_length)
 
     def count(self, n: int) -> int:
         """How many evaluation batches `n` records make."""

@@ -20,7 +20,10 @@ import numpy as np
 
 from .errors import ConfigError
 
-MAXIMIZED = ("exact_match", "token_f1", "rouge_l")  # task metrics: higher is better
+MAXIMIZED = ("exact_match", "token_f1", "rouge_l",  # task metrics, and preference metrics: higher is better
+             "reward_accuracy", "reward_margin", "chosen_reward", "chosen_logp")
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
+                      "rejected_logp")
 
 
 def validation_sample(lengths: list[int], n: int, seed: int) -> list[int]:
@@ -33,24 +36,30 @@ def validation_sample(lengths: list[int], n: int, seed: int) -> list[int]:
     return sorted(order[lo + int(rng.integers(hi - lo))] for lo, hi in zip(edges[:-1], edges[1:]))
 
 
-def evaluate(model, batches, loss_fn, progress=None) -> float:
-    """Mean loss per target token over `batches` (each rank's share of them), summed over ranks."""
+def evaluate(model, batches, loss_fn, progress=None, metrics: dict | None = None) -> float:
+    """Mean loss per unit of weight (target token, pair) over `batches` (each rank's share of them), summed
+    over ranks. The objective's other metrics, weighted alike, go into `metrics` when given."""
     import mlx.core as mx
 
     from .distributed import stream
 
     model.eval()
-    total, count = mx.array(0.0), mx.array(0)
+    total, count, sums = mx.array(0.0), mx.array(0.0), {}
     for batch in batches:
-        value, toks = loss_fn(model, *batch)
-        total, count = total + value * toks, count + toks
-        mx.eval(total, count)
+        value, weight, aux = loss_fn(model, *batch)
+        total, count = total + value * weight, count + weight
+        for k, v in aux.items():
+            if k != "tokens":
+                sums[k] = sums.get(k, 0.0) + v * weight
+        mx.eval(total, count, sums)
         if progress is not None:
             progress()
     if mx.distributed.init().size() > 1:
-        total = mx.distributed.all_sum(total, stream=stream())
-        count = mx.distributed.all_sum(count, stream=stream())
+        total, count = (mx.distributed.all_sum(x, stream=stream()) for x in (total, count))
+        sums = {k: mx.distributed.all_sum(v, stream=stream()) for k, v in sums.items()}
     model.train()
+    if metrics is not None:
+        metrics.update({k: (v / mx.maximum(count, 1)).item() for k, v in sums.items()})
     return (total / mx.maximum(count, 1)).item() if count.item() else float("nan")
 
 
@@ -204,10 +213,11 @@ class Validator:
         import time
 
         tic = time.perf_counter()
+        extra = {}
         with ui.val_task(self.batches) as advance:
             loss = evaluate(model, self.objective.eval_batches(self.records, self.sample),
-                            self.objective.eval_loss, advance)
-        info = {"iteration": iteration, "val_loss": loss}
+                            self.objective.eval_loss, advance, extra)
+        info = {"iteration": iteration, "val_loss": loss, **{f"val_{k}": v for k, v in extra.items()}}
         if self.answers is not None:
             info.update(self.answers(model))
         info["val_time"] = time.perf_counter() - tic

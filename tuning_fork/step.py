@@ -60,6 +60,16 @@ def loss(model, tokens, mask, segments=None, chunk: int | None = None):
     return ce.astype(mx.float32).sum() / denominator, ntoks
 
 
+def with_tokens(loss_fn):
+    """A (loss, weight) function as an objective's loss: (loss, weight, {"tokens": the target tokens})."""
+
+    def wrapped(model, *batch):
+        value, ntoks = loss_fn(model, *batch)
+        return value, ntoks, {"tokens": ntoks}
+
+    return wrapped
+
+
 PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3")  # logits = head(model.model(x)), nothing after the head
 
 
@@ -95,8 +105,9 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
               loss_fn=None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
-    are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight)` is
-    the objective's (default: next-token loss). Returns (step, state) — evaluate `state` after each step."""
+    are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight, aux)` is
+    the objective's (default: next-token loss); aux is a dict of arrays (its metrics, and "tokens" trained).
+    Returns (step, state): step(batch, grad, update) -> (loss, weight, aux, grad); evaluate `state` after each."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.nn.utils import average_gradients
@@ -109,12 +120,12 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
         from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
 
         checkpoint_layer(model.layers[0])
-    value_and_grad = nn.value_and_grad(model, loss_fn or partial(loss, chunk=loss_chunk))
+    value_and_grad = nn.value_and_grad(model, loss_fn or with_tokens(partial(loss, chunk=loss_chunk)))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, previous, update):
-        (value, toks), grad = value_and_grad(model, *batch)
+        (value, toks, aux), grad = value_and_grad(model, *batch)
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
         if update:
@@ -123,7 +134,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
                 grad = tree_map(lambda g: g / accumulation, grad)
             optimizer.update(model, grad)
             grad = None
-        return value, toks, grad
+        return value, toks, aux, grad
 
     return step, state
 

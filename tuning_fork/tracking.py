@@ -170,7 +170,7 @@ class Terminal(Hook):
             return
         extra = {k[4:]: v for k, v in info.items() if k.startswith("val_") and k not in ("val_loss", "val_time")}
         if extra:
-            report_line(info["iteration"], "task", None, "  ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+            report_line(info["iteration"], "metrics", None, "  ".join(f"{k} {v:.3f}" for k, v in extra.items()))
         if run.state.best.iteration == info["iteration"] and info["iteration"] > 0 and run.best_folder:
             report_line(info["iteration"], "best", None, f"{run.state.best.metric} {run.state.best.value:.4f}")
 

@@ -140,6 +140,8 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
     if previous and previous.get("fine_tune_type") != "full":
         models.check_chain(cfg.init_from, previous, adapter_config)
         models.load_previous(run.model, source)
+    if hasattr(run.objective, "prepare"):  # e.g. the reference log-probabilities of the starting policy
+        run.objective.prepare(run.model, run.sets, run.run_dir, resume_from is not None)
     run.optimizer = build_optimizer(s, updates=math.ceil(run.plan["iters"] / s.grad_accumulation_steps))
     resolved = resolved_config(cfg, run.plan)
     es = s.early_stopping
@@ -234,11 +236,14 @@ def train_step(run: Run, done: int, batch, pace: HostPace) -> bool:
     mx.random.seed(run.cfg.seed * 1_000_003 + done)  # dropout's draws depend on the step alone
     boundary = done % s.grad_accumulation_steps == 0 or done == run.plan["iters"]
     pace.before(batch[0].size)
-    value, toks, run.grad = run.step(batch, run.grad, boundary)
-    mx.eval(run.arrays, value, toks, run.grad)
+    value, _, aux, run.grad = run.step(batch, run.grad, boundary)
+    mx.eval(run.arrays, value, aux, run.grad)
     pace.stepped(boundary)
     w.loss += value.item()
-    w.tokens += int(toks.item())
+    w.tokens += int(aux["tokens"].item())
+    for k, v in aux.items():
+        if k != "tokens":
+            w.metrics[k] = w.metrics.get(k, 0.0) + v.item()
     w.steps += 1
     w.seconds += time.perf_counter() - tic
     run.state.step = done
@@ -257,7 +262,9 @@ def report(run: Run, done: int) -> None:
     state.trained_tokens += tokens
     if not math.isfinite(train_loss):
         raise TuningForkError(diverged(train_loss, done, run.checkpoints))
-    run.emit("on_train_report", {"iteration": done, "train_loss": train_loss,
+    extra = {f"train_{k}": distributed.all_sum(run.group, v) / (w.steps * run.group.size())
+             for k, v in sorted(w.metrics.items())}
+    run.emit("on_train_report", {"iteration": done, "train_loss": train_loss, **extra,
                                  "learning_rate": run.optimizer.learning_rate.item(),
                                  "tokens_per_second": tokens / w.seconds, "trained_tokens": state.trained_tokens,
                                  "peak_memory": mx.get_peak_memory() / 1e9})

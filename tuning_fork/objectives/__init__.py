@@ -9,7 +9,10 @@ An objective provides:
     train_batches(records, start) -> iterator            training batches from step `start` on, forever
     eval_batches(records, indices) -> iterator           evaluation batches over those records
     eval_count(n) -> int                                 how many evaluation batches n records make
-    loss(model, *batch) -> (mean loss, weight)           weight: what the mean is over (target tokens)
+    loss(model, *batch) -> (mean loss, weight, aux)      weight: what the mean is over (target tokens, pairs);
+                                                         aux: metrics as batch means, and "tokens" trained
+    eval_loss                                            the same, for validation
+    prepare(model, run_dir, resumed)                     after the model is built, before training (optional)
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from ..errors import ConfigError
 
 
 def build(cfg, rank: int = 0, size: int = 1):
+    from .preference import Preference
     from .sft import NextToken
 
-    objectives = {"sft": NextToken}
+    objectives = {"sft": NextToken, "dpo": Preference, "orpo": Preference, "simpo": Preference}
     name = str(cfg.objective.name)
     if name not in objectives:
         raise ConfigError(f"objective={name}: unknown: choose one of {', '.join(objectives)}")

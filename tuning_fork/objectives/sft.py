@@ -12,13 +12,13 @@ class NextToken:
     name = "sft"
 
     def __init__(self, cfg, rank: int = 0, size: int = 1):
-        from ..step import loss
+        from ..step import loss, with_tokens
 
         self.cfg, self.rank = cfg, rank
         self.batcher = data.Batcher(cfg.schedule.batch_size, cfg.data.max_seq_length, cfg.seed,
                                     cfg.data.packing, rank, size)
-        self.loss = partial(loss, chunk=cfg.schedule.loss_chunk)
-        self.eval_loss = loss  # evaluation keeps no graph: nothing to gain from chunking
+        self.loss = with_tokens(partial(loss, chunk=cfg.schedule.loss_chunk))
+        self.eval_loss = with_tokens(loss)  # evaluation keeps no graph: nothing to gain from chunking
 
     def encode(self, splits: dict, tokenizer) -> dict:
         out = {}
