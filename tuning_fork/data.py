@@ -219,6 +219,9 @@ def count_records(data) -> dict[str, int]:
 def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int], int]]:
     """Token ids and the prompt offset (the loss starts there when data.mask_prompt) of every record."""
     fields = data
+    if split.format == "preference":
+        raise DataError(f"{split.origin}: preference records (chosen/rejected) train with objective=dpo, orpo or "
+                        "simpo; objective=sft needs text, prompt/completion or chat records")
     out = []
     for rec in split.records:
         if split.format == "text":

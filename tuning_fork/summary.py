@@ -81,12 +81,19 @@ def split_stats(cfg, splits, tokenizer, console) -> dict:
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
     out = {}
     for name, split in splits.items():
-        encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt)
-        lengths = [len(ids) for ids, _ in encoded]
-        kept = [len(ids) for ids, _ in data.limit_lengths(encoded, split, cfg.data)[0]]  # what trains (too_long)
+        if cfg.objective.name != "sft":  # pairs: a pair is as long as its longer answer, its tokens are both's
+            encoded = data.encode_pairs(split, tokenizer, cfg.data, cfg.prompt)
+            lengths = [max(len(p[0]), len(p[2])) for p in encoded]
+            kept = [max(len(p[0]), len(p[2])) for p in data.limit_pairs(encoded, split, cfg.data)[0]]
+            tokens = sum(len(p[0]) + len(p[2]) for p in encoded)
+        else:
+            encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt)
+            lengths = [len(ids) for ids, _ in encoded]
+            kept = [len(ids) for ids, _ in data.limit_lengths(encoded, split, cfg.data)[0]]  # what trains (too_long)
+            tokens = sum(lengths)
         packing = cfg.data.packing and name == "train"  # validation and test are never packed
         ours, theirs, rows = batcher_waste(kept, min(s.batch_size, len(kept)), max_len, cfg.seed, packing)
-        row = dict(records=len(lengths), tokens=sum(lengths), mean=sum(lengths) / len(lengths), max=max(lengths),
+        row = dict(records=len(lengths), tokens=tokens, mean=sum(lengths) / len(lengths), max=max(lengths),
                    too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs, kept=len(kept))
         if rows is not None:
             row["rows"] = rows
