@@ -8,7 +8,8 @@ training (objective=dpo): the step has no reference forward. `reference_s` is wh
 step's worth of pairs, so `pairs_s_with_reference` counts it as if it were paid again every step (TRL pays a
 reference forward every step).
 
-    python benchmarks/gpu_dpo.py PAIRS PROMPT COMPLETION [smoke]
+    python benchmarks/gpu_dpo.py PAIRS PROMPT COMPLETION [SHAPE [LOSS_CHUNK]]
+(LOSS_CHUNK: schedule.loss_chunk, the logits that many positions at a time; 0 or absent: all at once)
 prints one `RESULT {json}` line.
 """
 
@@ -37,6 +38,7 @@ def main():
 
     B, P, C = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     shape = sys.argv[4] if len(sys.argv) > 4 else "1b"
+    chunk = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) > 0 else None
     direct = direct_cuda_launches()
     s = SHAPES[shape]
     mx.random.seed(0)
@@ -47,7 +49,7 @@ def main():
     model.freeze()
     linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
     cfg = OmegaConf.create({"data": {"packing": False, "max_seq_length": P + C + 1}, "seed": 0,
-                            "schedule": {"batch_size": B},
+                            "schedule": {"batch_size": B, "loss_chunk": chunk},
                             "objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0}})
     objective = Preference(cfg)
     step, state = make_step(model, optim.AdamW(learning_rate=1e-5), 1, loss_fn=objective.loss)
@@ -76,7 +78,7 @@ def main():
         mx.eval(sequence_logps(model, tokens, mask))
     ref_s = (time.perf_counter() - tic) / STEPS
     pace.close()
-    print("RESULT " + json.dumps(dict(which="tuning_fork_dpo", shape=shape, pairs=B, prompt=P, completion=C,
+    print("RESULT " + json.dumps(dict(which="tuning_fork_dpo", shape=shape, loss_chunk=chunk, pairs=B, prompt=P, completion=C,
                                       step_s=dt, pairs_s=B / dt, tok_s=2 * B * (P + C) / dt, reference_s=ref_s,
                                       pairs_s_with_reference=B / (dt + ref_s), peak_gb=peak,
                                       device=str(mx.default_device()), loss=out[0].item())), flush=True)

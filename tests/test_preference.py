@@ -201,3 +201,34 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_chunked_log_probabilities_match_the_plain_path_in_loss_and_gradients(tmp_path):
+    """schedule.loss_chunk for pairs (a memory change): the same loss and gradients as all logits at once."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from tuning_fork import data, models
+    from tuning_fork.objectives import build
+
+    folder = pairs_data(tmp_path / "d", n_train=4)
+    model, tokenizer = load(models.resolve("tiny"))
+    model.freeze()
+    models.attach(model, compose_cfg().adapter, compose_cfg().model)
+    for _, p in tree_flatten(model.trainable_parameters()):  # nonzero adapters, so gradients flow everywhere
+        p[...] = mx.random.normal(p.shape) * 0.05
+    results = []
+    for chunk in (None, 7):
+        cfg = compose_cfg(*FAST, f"data.path={folder}", "objective=dpo", f"schedule.loss_chunk={chunk or 'null'}")
+        o = build(cfg)
+        pairs = o.encode(data.load_splits(cfg.data), tokenizer)["train"]
+        for p in pairs:
+            p[4], p[5] = -40.0, -41.0
+        (value, _, _), grad = nn.value_and_grad(model, o.loss)(model, *data.collate_pairs(pairs, 256))
+        results.append((value.item(), dict(tree_flatten(grad))))
+    (plain, g1), (chunked, g2) = results
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    for k in g1:
+        assert mx.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6).item(), k

@@ -20,6 +20,7 @@ A batch holds n pairs as 2n rows (chosen first, then rejected): both answers of 
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,32 @@ from ..errors import ConfigError, DataError
 REFERENCE = Path("reference") / "logps.npz"
 
 
-def sequence_logps(model, tokens, mask):
-    """Per row: the sum of the target tokens' log-probabilities, and how many targets there are."""
+def sequence_logps(model, tokens, mask, chunk: int | None = None):
+    """Per row: the sum of the target tokens' log-probabilities, and how many targets there are.
+
+    `chunk` (schedule.loss_chunk): the logits `chunk` positions at a time, recomputed in the backward pass,
+    so the (rows, length, vocabulary) logits never exist at once (as step.chunked_cross_entropy does for sft)."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    logp = -nn.losses.cross_entropy(logits, tokens[:, 1:])
-    m = mask.astype(mx.float32)
-    return (logp * m).sum(-1), m.sum(-1)
+    from ..step import output_head
+
+    inputs, targets, m = tokens[:, :-1], tokens[:, 1:], mask.astype(mx.float32)
+    head = output_head(model) if chunk else None
+    if head is None:
+        logp = -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        return (logp * m).sum(-1), m.sum(-1)
+    project = head.as_linear if isinstance(head, nn.Embedding) else head
+
+    def piece(t, w):  # targets and weights are constants of the checkpointed function
+        return nn.utils.checkpoint(head, lambda h: -(nn.losses.cross_entropy(project(h).astype(mx.float32), t) * w)
+                                   .sum(-1))
+
+    hidden = model.model(inputs)
+    sums = mx.zeros((tokens.shape[0],), mx.float32)
+    for i in range(0, hidden.shape[1], chunk):
+        sums = sums + piece(targets[:, i:i + chunk], m[:, i:i + chunk])(hidden[:, i:i + chunk])
+    return sums, m.sum(-1)
 
 
 def preference_loss(o, chosen, rejected, chosen_n, rejected_n, ref_chosen, ref_rejected):
@@ -77,7 +95,8 @@ class Preference:
         self.cfg, self.o, self.rank = cfg, cfg.objective, rank
         self.batcher = data.Batcher(cfg.schedule.batch_size, cfg.data.max_seq_length, cfg.seed, False, rank, size,
                                     length=self.length, collate_rows=data.collate_pairs)
-        self.loss = self.eval_loss = self.pair_loss
+        self.chunk = cfg.schedule.get("loss_chunk")
+        self.loss, self.eval_loss = partial(self.pair_loss, chunk=self.chunk), self.pair_loss
         self.needs_reference = self.o.name == "dpo"
 
     @staticmethod
@@ -108,10 +127,10 @@ class Preference:
     def eval_count(self, n: int) -> int:
         return self.batcher.count(n)
 
-    def pair_loss(self, model, tokens, mask, ref_chosen, ref_rejected):
+    def pair_loss(self, model, tokens, mask, ref_chosen, ref_rejected, chunk: int | None = None):
         import mlx.core as mx
 
-        sums, counts = sequence_logps(model, tokens, mask)
+        sums, counts = sequence_logps(model, tokens, mask, chunk)
         n = ref_chosen.shape[0]
         losses, chosen_reward, rejected_reward, (c, r) = preference_loss(
             self.o, sums[:n], sums[n:], counts[:n], counts[n:], ref_chosen, ref_rejected)
