@@ -8,8 +8,9 @@ training (objective=dpo): the step has no reference forward. `reference_s` is wh
 step's worth of pairs, so `pairs_s_with_reference` counts it as if it were paid again every step (TRL pays a
 reference forward every step).
 
-    python benchmarks/gpu_dpo.py PAIRS PROMPT COMPLETION [SHAPE [LOSS_CHUNK]]
-(LOSS_CHUNK: schedule.loss_chunk, the logits that many positions at a time; 0 or absent: all at once)
+    python benchmarks/gpu_dpo.py PAIRS PROMPT COMPLETION [SHAPE [LOSS_CHUNK [checkpoint]]]
+(LOSS_CHUNK: schedule.loss_chunk, the logits that many positions at a time; 0 or absent: all at once;
+checkpoint: schedule.grad_checkpoint=true, each block's activations recomputed in the backward pass)
 prints one `RESULT {json}` line.
 """
 
@@ -39,6 +40,7 @@ def main():
     B, P, C = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     shape = sys.argv[4] if len(sys.argv) > 4 else "1b"
     chunk = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) > 0 else None
+    checkpoint = len(sys.argv) > 6 and sys.argv[6] == "checkpoint"
     direct = direct_cuda_launches()
     s = SHAPES[shape]
     mx.random.seed(0)
@@ -52,7 +54,8 @@ def main():
                             "schedule": {"batch_size": B, "loss_chunk": chunk},
                             "objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0}})
     objective = Preference(cfg)
-    step, state = make_step(model, optim.AdamW(learning_rate=1e-5), 1, loss_fn=objective.loss)
+    step, state = make_step(model, optim.AdamW(learning_rate=1e-5), 1, grad_checkpoint=checkpoint,
+                            loss_fn=objective.loss)
     tokens = mx.random.randint(4, min(30000, s["vocab_size"]), (2 * B, P + C + 1))
     mask = mx.concatenate([mx.zeros((2 * B, P), mx.bool_), mx.ones((2 * B, C), mx.bool_)], axis=1)
     ref = mx.random.normal((2, B)) - 100.0
@@ -78,7 +81,7 @@ def main():
         mx.eval(sequence_logps(model, tokens, mask))
     ref_s = (time.perf_counter() - tic) / STEPS
     pace.close()
-    print("RESULT " + json.dumps(dict(which="tuning_fork_dpo", shape=shape, loss_chunk=chunk, pairs=B, prompt=P, completion=C,
+    print("RESULT " + json.dumps(dict(which="tuning_fork_dpo", shape=shape, loss_chunk=chunk, grad_checkpoint=checkpoint, pairs=B, prompt=P, completion=C,
                                       step_s=dt, pairs_s=B / dt, tok_s=2 * B * (P + C) / dt, reference_s=ref_s,
                                       pairs_s_with_reference=B / (dt + ref_s), peak_gb=peak,
                                       device=str(mx.default_device()), loss=out[0].item())), flush=True)
