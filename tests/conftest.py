@@ -64,6 +64,21 @@ def make_data(folder: Path, n_train=24, n_valid=8, n_test=0, fmt="chat") -> Path
     return folder
 
 
+def pairs_data(folder, n_train=16, n_valid=8, chat=False, seen=False):
+    """Pairs (the right sum chosen, a wrong one rejected); seen=True validates on the training pairs."""
+    def rec(i):
+        q, good, bad = f"What is {i} plus one?", f"{i} plus one is {i + 1}.", f"{i} plus one is {i + 7}."
+        if chat:
+            head = [{"role": "user", "content": q}]
+            return {"chosen": head + [{"role": "assistant", "content": good}],
+                    "rejected": head + [{"role": "assistant", "content": bad}]}
+        return {"prompt": q, "chosen": good, "rejected": bad}
+
+    write_jsonl(folder / "train.jsonl", [rec(i) for i in range(n_train)])
+    write_jsonl(folder / "valid.jsonl", [rec(i if seen else 100 + i) for i in range(n_valid)])
+    return folder
+
+
 def compose_cfg(*overrides):
     """The training app's config for these overrides, through Hydra's compose API (no subprocess)."""
     from hydra import compose, initialize_config_module

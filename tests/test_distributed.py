@@ -103,3 +103,24 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
     assert max_difference(adapters(run), adapters(tmp_path / "whole")) < 1e-5
+
+
+def test_dpo_under_two_ring_processes(tmp_path):
+    """Preference pairs split over two ranks: the reference is the starting policy on every rank (the
+    first validation is exactly log 2), and the ranks train one run that equals a single process's."""
+    import math
+
+    from .conftest import pairs_data
+
+    folder = pairs_data(tmp_path / "d")
+    args = ("objective=dpo", "data=jsonl", f"data.path={folder}", "debug=fast", "schedule.learning_rate=1e-3")
+    one = run_cli(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = launch(2, *args, f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    assert two.returncode == 0 and (tmp_path / "two" / "results.json").exists(), two.stderr[-3000:]
+    got, want = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    vals = [m["val_loss"] for m in got if "val_loss" in m]
+    assert vals[0] == pytest.approx(math.log(2), rel=1e-5)
+    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
+    assert vals[-1] == pytest.approx([m["val_loss"] for m in want if "val_loss" in m][-1], rel=0.05)
+    assert (tmp_path / "two" / "reference" / "logps.npz").exists()

@@ -11,24 +11,9 @@ import pytest
 
 from tuning_fork.errors import TuningForkError
 
-from .conftest import compose_cfg, read_metrics, run_cli, write_jsonl
+from .conftest import compose_cfg, pairs_data, read_metrics, run_cli, write_jsonl
 
 FAST = ("data=jsonl", "debug=fast", "schedule.learning_rate=1e-3")
-
-
-def pairs_data(folder, n_train=16, n_valid=8, chat=False, seen=False):
-    """Pairs (the right sum chosen, a wrong one rejected); seen=True validates on the training pairs."""
-    def rec(i):
-        q, good, bad = f"What is {i} plus one?", f"{i} plus one is {i + 1}.", f"{i} plus one is {i + 7}."
-        if chat:
-            head = [{"role": "user", "content": q}]
-            return {"chosen": head + [{"role": "assistant", "content": good}],
-                    "rejected": head + [{"role": "assistant", "content": bad}]}
-        return {"prompt": q, "chosen": good, "rejected": bad}
-
-    write_jsonl(folder / "train.jsonl", [rec(i) for i in range(n_train)])
-    write_jsonl(folder / "valid.jsonl", [rec(i if seen else 100 + i) for i in range(n_valid)])
-    return folder
 
 
 def by_hand(model, tokens, mask):
