@@ -40,3 +40,15 @@ def test_a_missing_validation_split_says_how_to_take_one_from_train(tmp_path):
     proc = run_cli("data=hf", f"data.path={folder}", "data.valid_split=null", f"hydra.run.dir={tmp_path / 'run'}",
                    env=OFFLINE)
     one_line_error(proc, "data.valid_split", "train[-10%:]")
+
+
+@pytest.mark.slow
+def test_preference_pairs_from_a_local_hf_data_set(tmp_path):
+    from .conftest import pairs_data
+
+    folder = pairs_data(tmp_path / "d")
+    run = tmp_path / "run"
+    proc = run_cli("data=hf", f"data.path={folder}", "objective=dpo", "debug=fast", f"hydra.run.dir={run}",
+                   env=OFFLINE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_reward_accuracy" in json.loads((run / "results.json").read_text())
