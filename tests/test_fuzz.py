@@ -12,7 +12,8 @@ from tuning_fork.pipeline import _merge
 from tuning_fork.prompts import parse_markers
 
 FIELDS = OmegaConf.create({"text_feature": "text", "prompt_feature": "prompt", "completion_feature": "completion",
-                           "chat_feature": "messages"})
+                           "chat_feature": "messages", "chosen_feature": "chosen", "rejected_feature": "rejected",
+                           "system_feature": "system"})
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
                                                                                         max_size=4), max_leaves=12)

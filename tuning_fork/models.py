@@ -51,10 +51,13 @@ def tiny_model_path() -> Path:
 
 
 def _tokenizer_corpus():
-    """Every text the demo data holds: the tokenizer learns its merges from them."""
+    """Every text the demo data holds: the tokenizer learns its merges from them. (The preference pairs,
+    made from the same conversations, are left out: tiny-v2's tokenizer stays what it was.)"""
     from .data import demo_dir
 
     for f in sorted(demo_dir().rglob("*.jsonl")):
+        if "preference" in f.relative_to(demo_dir()).parts:
+            continue
         for line in f.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             if "messages" in rec:
