@@ -223,7 +223,7 @@ def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int],
         raise DataError(f"{split.origin}: preference records (chosen/rejected) train with objective=dpo, orpo or "
                         "simpo; objective=sft needs text, prompt/completion or chat records")
     out = []
-    for rec in split.records:
+    for rec, line in zip(split.records, split.lines):
         if split.format == "text":
             if data.mask_prompt:
                 raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "
@@ -238,9 +238,24 @@ def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int],
         offset = 0
         if data.mask_prompt:
             gen = messages[-1].get("role") == "assistant"
-            offset = len(_encode_chat(tokenizer, prompt.format, messages[:-1], tools, add_generation_prompt=gen))
+            head = _encode_chat(tokenizer, prompt.format, messages[:-1], tools, add_generation_prompt=gen)
+            offset = prompt_offset(head, ids, f"{split.origin}:{line}", tokenizer)
         out.append((ids, offset))
     return out
+
+
+def prompt_offset(head: list[int], ids: list[int], where: str, tokenizer) -> int:
+    """Where the answer's tokens start: after the prompt's tokens, which must begin the record's tokens.
+    A chat template that renders the conversation differently once the answer is added (one that strips
+    reasoning from assistant turns, opens the generation prompt with a tag the answer does not have, ...)
+    breaks that: the mask would cut into the answer, so the record is refused, never trained silently."""
+    if ids[:len(head)] == head:
+        return len(head)
+    at = next(i for i, (a, b) in enumerate(zip(head + [None], ids + [None])) if a != b)
+    raise DataError(f"{where}: with data.mask_prompt the prompt must begin the rendered record, but the chat template "
+                    f"renders them differently from token {at} on (prompt: {tokenizer.decode(head[at:at + 8])!r}, "
+                    f"record: {tokenizer.decode(ids[at:at + 8])!r}): choose a prompt format (prompt=chatml|...), or "
+                    "data.mask_prompt=false")
 
 
 def preference_conversations(rec: dict, data, prompt) -> tuple[list, list, object]:
@@ -265,12 +280,13 @@ def encode_pairs(split: Split, tokenizer, data, prompt) -> list[list]:
                         f'{{"{data.prompt_feature}", "{data.chosen_feature}", "{data.rejected_feature}"}} '
                         f'or {{"{data.chosen_feature}": [messages], "{data.rejected_feature}": [messages]}}')
     out = []
-    for rec in split.records:
+    for rec, line in zip(split.records, split.lines):
         chosen, rejected, tools = preference_conversations(rec, data, prompt)
-        offset = len(_encode_chat(tokenizer, prompt.format, chosen[:-1], tools, add_generation_prompt=True))
-        out.append([_encode_chat(tokenizer, prompt.format, chosen, tools, add_generation_prompt=False), offset,
-                    _encode_chat(tokenizer, prompt.format, rejected, tools, add_generation_prompt=False), offset,
-                    0.0, 0.0])
+        head = _encode_chat(tokenizer, prompt.format, chosen[:-1], tools, add_generation_prompt=True)
+        c = _encode_chat(tokenizer, prompt.format, chosen, tools, add_generation_prompt=False)
+        r = _encode_chat(tokenizer, prompt.format, rejected, tools, add_generation_prompt=False)
+        where = f"{split.origin}:{line}"
+        out.append([c, prompt_offset(head, c, where, tokenizer), r, prompt_offset(head, r, where, tokenizer), 0.0, 0.0])
     return out
 
 
