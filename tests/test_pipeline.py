@@ -165,10 +165,12 @@ def test_resume_continues_a_pipeline_where_it_stopped(tmp_path):
 
 @pytest.mark.parametrize("carry", ["best", "last"])
 def test_the_next_stage_starts_from_the_best_adapters_unless_carry_last(tmp_path, carry):
-    """Stage a's best adapter is its first (mode=max on the loss): with carry=best stage b starts there
-    (b's first validation equals a's first), with carry=last from a's last adapters."""
+    """Stage a's best adapter is its first (mode=max on the loss), and it stops early at its next validation:
+    the pipeline goes on, with carry=best stage b starts from a's first adapters (b's first validation equals
+    a's first), with carry=last from a's last."""
     data = make_data(tmp_path / "d")
-    stages = [{"name": "a", "overrides": ["schedule.early_stopping.mode=max"]}, {"name": "b", "overrides": []}]
+    stages = [{"name": "a", "overrides": ["schedule.early_stopping.mode=max", "schedule.early_stopping.patience=1"]},
+              {"name": "b", "overrides": []}]
     run = tmp_path / "run"
     proc = run_cli("--config-dir", pipeline_dir(tmp_path, stages), "pipeline=test_chain", "data=jsonl",
                    f"data.path={data}", f"hydra.run.dir={run}", f"pipeline.carry={carry}", *SHORT)
@@ -177,3 +179,4 @@ def test_the_next_stage_starts_from_the_best_adapters_unless_carry_last(tmp_path
     assert a[0] > a[-1] + 0.1
     assert b[0] == pytest.approx(a[0] if carry == "best" else a[-1], rel=1e-5)
     assert (run / "a" / "adapters" / "best" / "adapters.safetensors").exists()
+    assert json.loads((run / "a" / "results.json").read_text())["stopped_early"]  # and the pipeline went on
