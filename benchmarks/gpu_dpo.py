@@ -27,15 +27,13 @@ def main():
     import tuning_fork  # noqa: F401  (first: on Linux CPUs it puts MKL under MLX)
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx_lm.models import llama
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from omegaconf import OmegaConf
 
     from tuning_fork.objectives.preference import Preference, sequence_logps
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     sys.path.insert(0, "benchmarks")
-    from gpu_step import SHAPES
+    from gpu_step import SHAPES, lora_model
 
     B, P, C = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     shape = sys.argv[4] if len(sys.argv) > 4 else "1b"
@@ -43,13 +41,7 @@ def main():
     checkpoint = len(sys.argv) > 6 and sys.argv[6] == "checkpoint"
     direct = direct_cuda_launches()
     s = SHAPES[shape]
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(dict(model_type="llama", rms_norm_eps=1e-5,
-                                                       rope_theta=500000.0, **s)))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    model.freeze()
-    linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+    model = lora_model(s)
     cfg = OmegaConf.create({"data": {"packing": False, "max_seq_length": P + C + 1}, "seed": 0,
                             "schedule": {"batch_size": B, "loss_chunk": chunk},
                             "objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0}})

@@ -46,21 +46,12 @@ def flops_per_token(s, seq):
     return 2 * (2 * n + attn)
 
 
-def main():
-    import tuning_fork  # noqa: F401  (first: on Linux CPUs it puts MKL under MLX)
+def lora_model(s: dict):
+    """A random bf16 Llama of shape `s` with LoRA rank 16 (scale 2.0: alpha 32) on every linear of every block."""
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx_lm.models import llama
-    from mlx_lm.tuner.trainer import default_loss
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from tuning_fork.step import HostPace, direct_cuda_launches, make_step
-
-    variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
-    group = mx.distributed.init()
-    s = SHAPES[shape]
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(dict(model_type="llama", rms_norm_eps=1e-5,
                                                        rope_theta=500000.0, **s)))
@@ -68,6 +59,23 @@ def main():
     mx.eval(model.parameters())
     model.freeze()
     linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+    return model
+
+
+def main():
+    import tuning_fork  # noqa: F401  (first: on Linux CPUs it puts MKL under MLX)
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+
+    from tuning_fork.step import HostPace, direct_cuda_launches, make_step
+
+    variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
+    group = mx.distributed.init()
+    s = SHAPES[shape]
+    model = lora_model(s)
     opt = optim.Adam(learning_rate=1e-5)
     tokens = mx.random.randint(0, s["vocab_size"], (B, T + 1))
 

@@ -3,7 +3,7 @@ tokenized splits, training and evaluation batches and the loss; checkpoints, res
 code never look inside a batch, so a new objective plugs in here alone.
 
 An objective provides:
-    encode(splits, tokenizer) -> {split name: records}   tokenized, checked, over-long records handled
+    encode(splits, tokenizer) -> {split name: records}   tokenized, checked, over-long records handled (Batched)
     rows(records) -> int                                 training rows per epoch (the plan counts them)
     lengths(records) -> list[int]                        a length per record (the validation sample)
     train_batches(records, start) -> iterator            training batches from step `start` on, forever
@@ -18,6 +18,28 @@ An objective provides:
 from __future__ import annotations
 
 from ..errors import ConfigError
+
+
+class Batched:
+    """What objectives share: `self.batcher` (data.Batcher) over their records, and encoding every split with
+    `self.encode_one(split, tokenizer) -> (records, note)`, the note (over-long records) printed once."""
+
+    def encode(self, splits: dict, tokenizer) -> dict:
+        out = {}
+        for name, split in splits.items():
+            out[name], note = self.encode_one(split, tokenizer)
+            if note and self.rank == 0:
+                print(f"tuning_fork: {note}")
+        return out
+
+    def train_batches(self, records, start: int = 0):
+        return self.batcher.train(records, start)
+
+    def eval_batches(self, records, indices=None):
+        return self.batcher.fixed(records, indices)
+
+    def eval_count(self, n: int) -> int:
+        return self.batcher.count(n)
 
 
 def build(cfg, rank: int = 0, size: int = 1):

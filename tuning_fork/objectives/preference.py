@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import data
 from ..errors import ConfigError, DataError
+from . import Batched
 
 REFERENCE = Path("reference") / "logps.npz"
 
@@ -85,7 +86,7 @@ def preference_loss(o, chosen, rejected, chosen_n, rejected_n, ref_chosen, ref_r
     return losses, beta * c, beta * r, (c, r)
 
 
-class Preference:
+class Preference(Batched):
     """Pairs of answers: encoding, length-bucketed pair batches, the loss of `objective.name`, metrics."""
 
     def __init__(self, cfg, rank: int = 0, size: int = 1):
@@ -103,14 +104,9 @@ class Preference:
     def length(pair) -> int:
         return max(len(pair[0]), len(pair[2]))
 
-    def encode(self, splits: dict, tokenizer) -> dict:
-        out = {}
-        for name, split in splits.items():
-            encoded = data.encode_pairs(split, tokenizer, self.cfg.data, self.cfg.prompt)
-            out[name], note = data.limit_pairs(encoded, split, self.cfg.data)
-            if note and self.rank == 0:
-                print(f"tuning_fork: {note}")
-        return out
+    def encode_one(self, split, tokenizer):
+        encoded = data.encode_pairs(split, tokenizer, self.cfg.data, self.cfg.prompt)
+        return data.limit_pairs(encoded, split, self.cfg.data)
 
     def rows(self, records) -> int:
         return len(records)  # an epoch is one pass over the pairs
@@ -118,14 +114,6 @@ class Preference:
     def lengths(self, records) -> list[int]:
         return [self.length(p) for p in records]
 
-    def train_batches(self, records, start: int = 0):
-        return self.batcher.train(records, start)
-
-    def eval_batches(self, records, indices=None):
-        return self.batcher.fixed(records, indices)
-
-    def eval_count(self, n: int) -> int:
-        return self.batcher.count(n)
 
     def pair_loss(self, model, tokens, mask, ref_chosen, ref_rejected, chunk: int | None = None):
         import mlx.core as mx

@@ -6,9 +6,10 @@ from __future__ import annotations
 from functools import partial
 
 from .. import data
+from . import Batched
 
 
-class NextToken:
+class NextToken(Batched):
     name = "sft"
 
     def __init__(self, cfg, rank: int = 0, size: int = 1):
@@ -20,14 +21,9 @@ class NextToken:
         self.loss = with_tokens(partial(loss, chunk=cfg.schedule.loss_chunk))
         self.eval_loss = with_tokens(loss)  # evaluation keeps no graph: nothing to gain from chunking
 
-    def encode(self, splits: dict, tokenizer) -> dict:
-        out = {}
-        for name, split in splits.items():
-            encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt)
-            out[name], note = data.limit_lengths(encoded, split, self.cfg.data)
-            if note and self.rank == 0:
-                print(f"tuning_fork: {note}")
-        return out
+    def encode_one(self, split, tokenizer):
+        encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt)
+        return data.limit_lengths(encoded, split, self.cfg.data)
 
     def rows(self, records) -> int:
         return self.batcher.rows_per_epoch(records) if self.cfg.data.packing else len(records)
@@ -36,11 +32,3 @@ class NextToken:
     def lengths(records) -> list[int]:
         return [len(ids) for ids, _ in records]
 
-    def train_batches(self, records, start: int = 0):
-        return self.batcher.train(records, start)
-
-    def eval_batches(self, records, indices=None):
-        return self.batcher.fixed(records, indices)
-
-    def eval_count(self, n: int) -> int:
-        return self.batcher.count(n)
