@@ -104,9 +104,11 @@ def test_dpo_trains_from_its_starting_policy_and_a_resume_reads_the_stored_refer
 
     with pytest.raises(Interrupted):
         train(compose_cfg(*args, f"output_dir={tmp_path / 'run'}"), hooks=[SignalAt()])
-    stored = np.load(tmp_path / "run" / "reference" / "logps.npz")["train_chosen"].copy()
+    reference = tmp_path / "run" / "reference" / "logps.npz"
+    stored, written = np.load(reference)["train_chosen"].copy(), reference.stat().st_mtime_ns
     resumed = train(compose_cfg(*args, f"output_dir={tmp_path / 'run'}", "resume=true"))
-    assert np.array_equal(np.load(tmp_path / "run" / "reference" / "logps.npz")["train_chosen"], stored)
+    assert np.array_equal(np.load(reference)["train_chosen"], stored)
+    assert reference.stat().st_mtime_ns == written  # read back, not computed again
     assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-4)
     assert resumed["val_reward_margin"] == pytest.approx(whole["val_reward_margin"], rel=1e-3, abs=1e-5)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .tracking import Hook
 
 MAXIMIZED = ("exact_match", "token_f1", "rouge_l",  # task metrics, and preference metrics: higher is better
              "reward_accuracy", "reward_margin", "chosen_reward", "chosen_logp")
@@ -136,11 +137,6 @@ def rouge_l(prediction: str, reference: str, _scorer=[]) -> float:
 SCORERS = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}
 
 
-def check_metrics(names) -> None:
-    if unknown := [m for m in names if m not in SCORERS]:
-        raise ConfigError(f"eval.generate.metrics: {unknown} unknown: choose from {', '.join(SCORERS)}")
-
-
 class AnswerScorer:
     """At each validation: greedy answers to the prompts of fixed validation records, scored against their
     references (the completion, or the last assistant turn). Each rank answers its share of the records."""
@@ -149,7 +145,6 @@ class AnswerScorer:
         from .data import generation_prompt
 
         g = cfg.eval.generate
-        check_metrics(g.metrics)
         if split.format == "text":
             raise ConfigError(f"eval.generate.records={g.records}: {split.origin} holds text records, which have no "
                               "prompt to answer: use prompt/completion or chat records, or eval.generate.records=0")
@@ -227,20 +222,16 @@ class Validator:
         return evaluate(model, self.objective.eval_batches(self.records), self.objective.eval_loss)
 
 
-def early_stopping_hook(cfg):
-    from .tracking import Hook
+class EarlyStopping(Hook):
+    """Ends the run, normally, after `patience` validations without an improvement of the monitored metric
+    larger than min_delta (the count lives in the run's state, so a resume keeps it)."""
 
-    es = cfg.schedule.early_stopping
+    def __init__(self, settings):
+        self.es = settings  # schedule.early_stopping
 
-    class EarlyStopping(Hook):
-        """Ends the run, normally, after `patience` validations without an improvement of the monitored
-        metric larger than min_delta (the count lives in the run's state, so a resume keeps it)."""
-
-        def on_validation(self, run, info: dict) -> None:
-            best = run.state.best
-            if best.waited >= es.patience:
-                at = f"best {best.value:.4f} at iteration {best.iteration}" if best.value is not None else "no finite value"
-                run.stop_reason = (f"early stopping: {best.metric} has not improved by more than {es.min_delta:g} "
-                                   f"in {best.waited} validations ({at})")
-
-    return EarlyStopping()
+    def on_validation(self, run, info: dict) -> None:
+        best, es = run.state.best, self.es
+        if best.waited >= es.patience:
+            at = f"best {best.value:.4f} at iteration {best.iteration}" if best.value is not None else "no finite value"
+            run.stop_reason = (f"early stopping: {best.metric} has not improved by more than {es.min_delta:g} "
+                               f"in {best.waited} validations ({at})")

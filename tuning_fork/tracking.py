@@ -89,6 +89,8 @@ class MetricsFile(Hook):
     def summary(self) -> dict:
         """first, last and best validation loss, the last value of every other validation metric and its
         best, and the last training loss."""
+        from .evaluation import direction  # (evaluation imports this module's Hook)
+
         out = {}
         if self.validations:
             first, last = self.validations[0], self.validations[-1]
@@ -123,12 +125,6 @@ def final_records(result: dict) -> list[dict]:
 def sampled(result: dict) -> bool:
     """Did the validations score only a sample of the split (so the whole split was scored at the end)?"""
     return result.get("validated_records", 0) < result.get("valid_records", 0)
-
-
-def direction(metric: str) -> str:
-    from .evaluation import direction as of
-
-    return of(metric)
 
 
 def plain(record: dict) -> dict:

@@ -24,7 +24,7 @@ from . import config as config_schema
 from . import data, distributed, models, objectives, schedule, tracking
 from .checkpoint import Checkpoints, Interrupted, StopSignals, TrainState, Window, check_same_config, find_resume
 from .errors import ConfigError, DataError, TuningForkError
-from .evaluation import Best, Validator, direction, early_stopping_hook
+from .evaluation import Best, EarlyStopping, Validator, direction
 from .step import HostPace, build_optimizer, direct_cuda_launches, make_step
 from .trial import Pruned
 
@@ -85,9 +85,7 @@ def setup(cfg, extra_hooks: list) -> Run:
     group = distributed.world()  # one process, or one of the ranks mlx.launch started
     distributed.check_batch(cfg.schedule.batch_size, group.size())
     run_dir = Path(distributed.share_text(group, str(output_dir(cfg).resolve())))
-    checkpoints = Checkpoints(run_dir, cfg.schedule.keep_checkpoints)
-    if group.rank() == 0:
-        tracking.scrub_hydra_files(run_dir)
+    checkpoints = Checkpoints(run_dir, cfg.schedule.keep_checkpoints)  # (the app scrubbed Hydra's files)
     resume_from = find_resume(cfg, run_dir, checkpoints)
     distributed.barrier(group)  # every rank has looked at the folder before rank 0 writes to it
 
@@ -171,7 +169,7 @@ def build_hooks(run: Run, resume_from: Path | None) -> list:
         run.state.wandb_id = wandb_run.id
         hooks.append(tracking.WandbLog(wandb_run))
     if cfg.schedule.early_stopping.patience:
-        hooks.append(early_stopping_hook(cfg))
+        hooks.append(EarlyStopping(cfg.schedule.early_stopping))
     if cfg.optuna.trial_id is not None:  # a job of an Optuna sweep: report to its trial
         from .trial import TrialHook
 
