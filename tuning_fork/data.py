@@ -278,7 +278,8 @@ def encode_pairs(split: Split, tokenizer, data, prompt) -> list[list]:
     if split.format != "preference":
         raise DataError(f"{split.origin}: {split.format} records, but a preference objective needs pairs: "
                         f'{{"{data.prompt_feature}", "{data.chosen_feature}", "{data.rejected_feature}"}} '
-                        f'or {{"{data.chosen_feature}": [messages], "{data.rejected_feature}": [messages]}}')
+                        f'or {{"{data.chosen_feature}": [messages], "{data.rejected_feature}": [messages]}}'
+                        + (" (the demo's pairs: data.path=preference)" if data.source == "demo" else ""))
     out = []
     for rec, line in zip(split.records, split.lines):
         chosen, rejected, tools = preference_conversations(rec, data, prompt)
