@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# On the CPU, MLX compiles each fused kernel of a compiled step with the system's C++ compiler (~0.26 s a
+# kernel, cached in $TMPDIR/mlx): a fresh machine's first tiny run spends 16 of its 18 s there, and each new
+# dropout or scale value makes new kernels. The tests train many short runs of many settings, so they run
+# the step uncompiled (set before MLX loads; subprocesses inherit it); test_step.py checks that the compiled
+# step gives the same losses and gradients.
+os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+
 from tuning_fork.tracking import read_metrics  # noqa: F401  (the tests read metrics.jsonl as the app does)
 
 ROOT = Path(__file__).resolve().parents[1]
