@@ -135,7 +135,7 @@ def test_too_long_records_are_counted_then_truncated_or_dropped():
     from tuning_fork.data import Split, limit_lengths
 
     split = Split("train", "t.jsonl", [{}] * 4, [1, 2, 5, 9], "text")
-    encoded = [([1] * 5, 0), ([1] * 50, 0), ([1] * 8, 0), ([1] * 70, 0)]
+    encoded = [([1] * n, ((0, n),)) for n in (5, 50, 8, 70)]
     cfg = lambda mode: OmegaConf.create({"max_seq_length": 10, "too_long": mode})
     kept, note = limit_lengths(encoded, split, cfg("truncate"))
     assert kept == encoded and "2 of 4 records are longer than data.max_seq_length=10" in note
@@ -143,30 +143,3 @@ def test_too_long_records_are_counted_then_truncated_or_dropped():
     kept, note = limit_lengths(encoded, split, cfg("drop"))
     assert [len(ids) for ids, _ in kept] == [5, 8] and "2 of 4" in note and "dropped" in note
     assert limit_lengths(encoded[:1], split, cfg("drop")) == (encoded[:1], None)
-
-
-def test_a_template_that_rewrites_the_conversation_is_refused_under_mask_prompt(tmp_path):
-    """A reasoning model's template: it strips <think>...</think> from assistant turns and opens the
-    generation prompt with <think>. The prompt is then no prefix of the record, so the mask would cut into
-    the answer: refused with file and line, never trained silently (and fine without mask_prompt)."""
-    import shutil
-
-    from tuning_fork.models import resolve
-
-    model = tmp_path / "reasoner"
-    shutil.copytree(resolve("tiny"), model)
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config["chat_template"] = (
-        "{% for m in messages %}{% set c = m['content'] %}{% if m['role'] == 'assistant' and '</think>' in c %}"
-        "{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}"
-        "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    folder = make_data(tmp_path / "d")
-    records = [json.loads(x) for x in (folder / "train.jsonl").read_text().splitlines()]
-    for rec in records:
-        rec["messages"][1]["content"] = "<think>one more</think> " + rec["messages"][1]["content"]
-    write_jsonl(folder / "train.jsonl", records)
-    message = refused(folder, tmp_path, "train.jsonl:1", "data.mask_prompt", "<think>",
-                      extra=[f"model.path={model}", "data.mask_prompt=true"])
-    assert "renders them differently" in message

@@ -37,7 +37,7 @@ def test_batch_order_gives_every_rank_a_record(lengths, batch, ranks):
 
 
 def test_packed_masks_stay_inside_each_record():
-    rows = [[([1, 2, 3, 4], 2), ([5, 6, 7], 0)], [([8, 9], 1)]]
+    rows = [[([1, 2, 3, 4], ((2, 4),)), ([5, 6, 7], ((0, 3),))], [([8, 9], ((1, 2),))]]
     tokens, mask, segments = (np.array(a) for a in collate_packed(rows, 64))
     assert tokens[0, :7].tolist() == [1, 2, 3, 4, 5, 6, 7] and tokens[1, :2].tolist() == [8, 9]
     assert segments[0, :8].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
@@ -46,7 +46,7 @@ def test_packed_masks_stay_inside_each_record():
     assert np.flatnonzero(mask[0]).tolist() == [1, 2, 4, 5]
     assert np.flatnonzero(mask[1]).tolist() == [0]
     # and the same records unpacked train the same targets
-    _, single = collate([([1, 2, 3, 4], 2)], 64)
+    _, single = collate([([1, 2, 3, 4], ((2, 4),))], 64)
     assert np.flatnonzero(np.array(single[0])).tolist() == [1, 2]
 
 
@@ -70,7 +70,7 @@ def test_a_packed_record_scores_exactly_as_it_does_alone(tiny_lora):
     model, tokenizer = tiny_lora
     texts = ["What is 3 plus one? 3 plus one is 4.", "A much longer record about the weather in spring.",
              "Short."]
-    records = [(tokenizer.encode(t), 2) for t in texts]
+    records = [(ids, ((2, len(ids)),)) for ids in map(tokenizer.encode, texts)]
     tokens, mask, segments = collate_packed([records], 128)
     for k in range(len(records)):  # the loss of record k alone, from the packed row and unpacked
         only_k = mx.array(np.array(mask) & (np.array(segments)[:, 1:] == k + 1))

@@ -41,6 +41,9 @@ Direction = choice("Direction", "auto", "min", "max")
 FinalValidation = choice("FinalValidation", "full", "sample")
 Carry = choice("Carry", "best", "last")
 TaskMetric = choice("TaskMetric", "exact_match", "token_f1", "rouge_l")
+TrainOn = choice("TrainOn", "all_assistant", "last_assistant")
+Reasoning = choice("Reasoning", "keep", "drop")
+MaskMismatch = choice("MaskMismatch", "error", "skip")
 
 
 @dataclass
@@ -70,7 +73,10 @@ class DataConfig:
     chosen_feature: str = "chosen"  # preference pairs (objective=dpo|orpo|simpo)
     rejected_feature: str = "rejected"
     system_feature: str = "system"
-    mask_prompt: bool = False  # completion-only loss
+    mask_prompt: bool = False  # completion-only loss: train on the assistant turns alone (chat.py)
+    train_on: TrainOn = TrainOn.all_assistant  # with mask_prompt: every assistant turn, or the last one alone
+    reasoning: Reasoning = Reasoning.keep  # an assistant turn's <think> reasoning: a target (keep), or left out
+    mask_mismatch: MaskMismatch = MaskMismatch.error  # a record the chat template breaks: refuse it, or skip it
     max_seq_length: int = 2048
     too_long: TooLong = TooLong.truncate  # records over max_seq_length tokens: truncate | drop | error
     packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record

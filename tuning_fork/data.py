@@ -216,46 +216,38 @@ def count_records(data) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- tokenizing
 
 
-def encode_split(split: Split, tokenizer, data, prompt) -> list[tuple[list[int], int]]:
-    """Token ids and the prompt offset (the loss starts there when data.mask_prompt) of every record."""
+def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = None) -> list[tuple[list[int], tuple]]:
+    """Every record as training rows (token ids, target spans): text records train on every token; chat and
+    prompt/completion records on their assistant turns with data.mask_prompt (see chat.py), else on every
+    token. `notes` gets what encoding did (reasoning, rows, skipped records)."""
+    from .chat import Conversations
+
     fields = data
     if split.format == "preference":
         raise DataError(f"{split.origin}: preference records (chosen/rejected) train with objective=dpo, orpo or "
                         "simpo; objective=sft needs text, prompt/completion or chat records")
-    out = []
-    for rec, line in zip(split.records, split.lines):
-        if split.format == "text":
-            if data.mask_prompt:
-                raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "
-                                "records; text records have no prompt to mask")
+    if split.format == "text":
+        if data.mask_prompt:
+            raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "
+                            "records; text records have no prompt to mask")
+        out = []
+        for rec in split.records:
             ids = tokenizer.encode(rec[fields.text_feature])
             if not ids or ids[-1] != tokenizer.eos_token_id:
                 ids.append(tokenizer.eos_token_id)
-            out.append((ids, 0))
-            continue
+            out.append((ids, ((0, len(ids)),)))
+        return out
+    chats = Conversations(tokenizer, prompt.format, data)
+    out = []
+    for rec, line in zip(split.records, split.lines):
         messages, tools = conversation(rec, split.format, fields, prompt)
-        ids = _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=False)
-        offset = 0
-        if data.mask_prompt:
-            gen = messages[-1].get("role") == "assistant"
-            head = _encode_chat(tokenizer, prompt.format, messages[:-1], tools, add_generation_prompt=gen)
-            offset = prompt_offset(head, ids, f"{split.origin}:{line}", tokenizer)
-        out.append((ids, offset))
+        out += chats.rows(messages, tools, f"{split.origin}:{line}")
+    if notes is not None:
+        notes += chats.stats.notes(split.name, chats.keep)
+    if not out:
+        raise DataError(f"{split.origin}: every {split.name} record was skipped (data.mask_mismatch=skip): "
+                        f"{chats.stats.skipped[0][1]}")
     return out
-
-
-def prompt_offset(head: list[int], ids: list[int], where: str, tokenizer) -> int:
-    """Where the answer's tokens start: after the prompt's tokens, which must begin the record's tokens.
-    A chat template that renders the conversation differently once the answer is added (one that strips
-    reasoning from assistant turns, opens the generation prompt with a tag the answer does not have, ...)
-    breaks that: the mask would cut into the answer, so the record is refused, never trained silently."""
-    if ids[:len(head)] == head:
-        return len(head)
-    at = next(i for i, (a, b) in enumerate(zip(head + [None], ids + [None])) if a != b)
-    raise DataError(f"{where}: with data.mask_prompt the prompt must begin the rendered record, but the chat template "
-                    f"renders them differently from token {at} on (prompt: {tokenizer.decode(head[at:at + 8])!r}, "
-                    f"record: {tokenizer.decode(ids[at:at + 8])!r}): choose a prompt format (prompt=chatml|...), or "
-                    "data.mask_prompt=false")
 
 
 def preference_conversations(rec: dict, data, prompt) -> tuple[list, list, object]:
@@ -271,33 +263,43 @@ def preference_conversations(rec: dict, data, prompt) -> tuple[list, list, objec
     return head + [{"role": "assistant", "content": c}], head + [{"role": "assistant", "content": r}], None
 
 
-def encode_pairs(split: Split, tokenizer, data, prompt) -> list[list]:
-    """Every preference record as [chosen ids, chosen offset, rejected ids, rejected offset, reference chosen
+def encode_pairs(split: Split, tokenizer, data, prompt, notes: list | None = None) -> list[list]:
+    """Every preference record as [chosen ids, chosen spans, rejected ids, rejected spans, reference chosen
     log-prob, reference rejected log-prob] (the references filled in later, when the objective needs them).
-    The prompt is never a target: each offset is where the answer starts."""
+    The prompt is never a target: each answer's span is its last assistant turn (see chat.py)."""
+    from .chat import Conversations
+
     if split.format != "preference":
         raise DataError(f"{split.origin}: {split.format} records, but a preference objective needs pairs: "
                         f'{{"{data.prompt_feature}", "{data.chosen_feature}", "{data.rejected_feature}"}} '
                         f'or {{"{data.chosen_feature}": [messages], "{data.rejected_feature}": [messages]}}'
                         + (" (the demo's pairs: data.path=preference)" if data.source == "demo" else ""))
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.merge(data, {"train_on": "last_assistant", "mask_prompt": True})
+    chats = Conversations(tokenizer, prompt.format, settings)
     out = []
     for rec, line in zip(split.records, split.lines):
         chosen, rejected, tools = preference_conversations(rec, data, prompt)
-        head = _encode_chat(tokenizer, prompt.format, chosen[:-1], tools, add_generation_prompt=True)
-        c = _encode_chat(tokenizer, prompt.format, chosen, tools, add_generation_prompt=False)
-        r = _encode_chat(tokenizer, prompt.format, rejected, tools, add_generation_prompt=False)
         where = f"{split.origin}:{line}"
-        out.append([c, prompt_offset(head, c, where, tokenizer), r, prompt_offset(head, r, where, tokenizer), 0.0, 0.0])
+        c, r = chats.rows(chosen, tools, where), chats.rows(rejected, tools, where)
+        if c and r:
+            out.append([*c[-1], *r[-1], 0.0, 0.0])
+    if notes is not None:
+        notes += chats.stats.notes(split.name, chats.keep)
+    if not out:
+        raise DataError(f"{split.origin}: every {split.name} pair was skipped (data.mask_mismatch=skip): "
+                        f"{chats.stats.skipped[0][1]}")
     return out
 
 
 def limit_pairs(encoded: list, split: Split, data) -> tuple[list, str | None]:
     """data.too_long for pairs: it applies to the longer answer of a pair, and a pair either side of which
     has no target token within the limit is dropped (or refused under too_long=error)."""
-    as_records = [(c if len(c) >= len(r) else r, min(oc, orr)) for c, oc, r, orr, *_ in encoded]
-    for i, (c, oc, r, orr, *_) in enumerate(encoded):  # the shorter target decides whether a pair can train
-        if targets(c, oc, data.max_seq_length) <= 0 or targets(r, orr, data.max_seq_length) <= 0:
-            as_records[i] = (as_records[i][0], len(as_records[i][0]))
+    as_records = [(c, sc) if len(c) >= len(r) else (r, sr) for c, sc, r, sr, *_ in encoded]
+    for i, (c, sc, r, sr, *_) in enumerate(encoded):  # the shorter target decides whether a pair can train
+        if targets(c, sc, data.max_seq_length) <= 0 or targets(r, sr, data.max_seq_length) <= 0:
+            as_records[i] = (as_records[i][0], ())
     kept, note = limit_lengths(as_records, split, data)
     if len(kept) == len(encoded):
         return encoded, note
@@ -319,34 +321,24 @@ def conversation(rec: dict, fmt: str, data, prompt) -> tuple[list, object]:
 def generation_prompt(rec: dict, tokenizer, data, prompt) -> tuple[list[int], str]:
     """(prompt tokens up to the last assistant turn, with the generation prompt; that turn's text): what a
     task metric asks the model and the reference it scores the answer against."""
+    from .chat import Conversations, split_reasoning
+
     if data.chosen_feature in rec and data.rejected_feature in rec:  # a preference pair: the chosen answer
         messages, _, tools = preference_conversations(rec, data, prompt)
     else:
         fmt = "completions" if data.prompt_feature in rec and data.completion_feature in rec else "chat"
         messages, tools = conversation(rec, fmt, data, prompt)
+    chats = Conversations(tokenizer, prompt.format, data)
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
-        return _encode_chat(tokenizer, prompt.format, messages, tools, add_generation_prompt=True), ""
-    return (_encode_chat(tokenizer, prompt.format, messages[:last], tools, add_generation_prompt=True),
-            messages[last].get("content") or "")
+        return chats.prompt_ids(messages, tools), ""
+    return chats.prompt_ids(messages[:last], tools), split_reasoning(messages[last])[1].strip()
 
 
-def _encode_chat(tokenizer, fmt, messages, tools, add_generation_prompt):
-    from .prompts import render
-
-    if fmt == "tokenizer":
-        from .models import require_chat_template
-
-        require_chat_template(tokenizer, "the model's tokenizer")
-        return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                                  return_dict=False))
-    return tokenizer.encode(render(fmt, messages, add_generation_prompt=add_generation_prompt),
-                            add_special_tokens=False)
-
-
-def targets(ids: list[int], offset: int, limit: int) -> int:
-    """How many tokens of a record the loss counts once it is cut to `limit` tokens (see collate)."""
-    return min(len(ids), limit) - max(offset, 1)
+def targets(ids: list[int], spans, limit: int) -> int:
+    """How many tokens of a record the loss counts once it is cut to `limit` tokens (see collate): the
+    tokens of its target spans, but never the first token (nothing predicts it)."""
+    return sum(max(0, min(e, len(ids), limit) - max(s, 1)) for s, e in spans)
 
 
 def limit_lengths(encoded: list, split: Split, data) -> tuple[list, str | None]:
@@ -355,7 +347,7 @@ def limit_lengths(encoded: list, split: Split, data) -> tuple[list, str | None]:
     of them would divide 0 by 0); say what was done, if anything."""
     limit = data.max_seq_length
     long = [i for i, (ids, _) in enumerate(encoded) if len(ids) > limit]
-    empty = [i for i, (ids, offset) in enumerate(encoded) if targets(ids, offset, limit) <= 0]
+    empty = [i for i, (ids, spans) in enumerate(encoded) if targets(ids, spans, limit) <= 0]
     notes = []
     if long:
         longest = max(len(encoded[i][0]) for i in long)
@@ -460,18 +452,27 @@ def pack_order(lengths, batch_size: int, max_seq_length: int, seed: int, epoch: 
     return merge_short_tail(_windows(rows, batch_size), min_batch)
 
 
+def mark(mask_row, spans, at: int, n: int) -> None:
+    """Mark a record's target tokens in its row's loss mask: the record starts at `at`, `n` of its tokens fit.
+    Position p of the mask predicts token p + 1, so token t is a target at p = t - 1 (never the first token)."""
+    for s, e in spans:
+        lo, hi = at + max(s, 1) - 1, at + min(e, n) - 1
+        if hi > lo:
+            mask_row[lo:hi] = True
+
+
 def collate(rows, max_seq_length: int):
-    """Pad records into one array: (tokens, loss mask). The mask marks the targets the loss counts: the
-    tokens after each record's prompt offset, never padding."""
+    """Pad records into one array: (tokens, loss mask). The mask marks the targets the loss counts (each
+    record's target spans), never padding."""
     import mlx.core as mx
 
     lengths = [min(len(ids), max_seq_length) for ids, _ in rows]
     width = pad_width(max(lengths), max_seq_length)
     tokens = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width - 1), bool)
-    for j, (ids, offset) in enumerate(rows):
+    for j, (ids, spans) in enumerate(rows):
         tokens[j, :lengths[j]] = ids[:lengths[j]]
-        mask[j, max(offset, 1) - 1:lengths[j] - 1] = True  # target t is token t + 1
+        mark(mask[j], spans, 0, lengths[j])
     return mx.array(tokens), mx.array(mask)
 
 
@@ -496,11 +497,11 @@ def collate_packed(rows, max_seq_length: int):
     segments = np.zeros((len(rows), width), np.int32)
     for j, row in enumerate(rows):
         at = 0
-        for s, (ids, offset) in enumerate(row, 1):
+        for s, (ids, spans) in enumerate(row, 1):
             n = min(len(ids), max_seq_length - at)
             tokens[j, at:at + n] = ids[:n]
             segments[j, at:at + n] = s
-            mask[j, at + max(offset, 1) - 1:at + n - 1] = True
+            mark(mask[j], spans, at, n)
             at += n
     return mx.array(tokens), mx.array(mask), mx.array(segments)
 

@@ -105,8 +105,10 @@ class Preference(Batched):
         return max(len(pair[0]), len(pair[2]))
 
     def encode_one(self, split, tokenizer):
-        encoded = data.encode_pairs(split, tokenizer, self.cfg.data, self.cfg.prompt)
-        return data.limit_pairs(encoded, split, self.cfg.data)
+        notes: list = []
+        encoded = data.encode_pairs(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
+        encoded, note = data.limit_pairs(encoded, split, self.cfg.data)
+        return encoded, "; ".join(notes + [note] if note else notes) or None
 
     def rows(self, records) -> int:
         return len(records)  # an epoch is one pass over the pairs

@@ -22,8 +22,10 @@ class NextToken(Batched):
         self.eval_loss = with_tokens(loss)  # evaluation keeps no graph: nothing to gain from chunking
 
     def encode_one(self, split, tokenizer):
-        encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt)
-        return data.limit_lengths(encoded, split, self.cfg.data)
+        notes: list = []
+        encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
+        encoded, note = data.limit_lengths(encoded, split, self.cfg.data)
+        return encoded, "; ".join(notes + [note] if note else notes) or None
 
     def rows(self, records) -> int:
         return self.batcher.rows_per_epoch(records) if self.cfg.data.packing else len(records)
