@@ -7,6 +7,8 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
                 host paced by a memory limit set from the first step (step.HostPace)
   graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
+  plainreduce   our step with mlx's average_gradients (model order, 32 MB buckets) instead of our
+                last-layer-first buckets (step.reduce_gradients, schedule.reduce_bucket_mb=8)
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -94,7 +96,7 @@ def main():
         run = lambda: step(*args)
     else:
         chunk = int(variant[len("chunked"):] or 256) if variant.startswith("chunked") else None
-        step, state = make_step(model, opt, 1, loss_chunk=chunk)
+        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=0 if variant == "plainreduce" else 8)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         run = lambda: step(batch, None, True)[:2]
 

@@ -124,3 +124,33 @@ def test_dpo_under_two_ring_processes(tmp_path):
     assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
     assert vals[-1] == pytest.approx([m["val_loss"] for m in want if "val_loss" in m][-1], rel=0.05)
     assert (tmp_path / "two" / "reference" / "logps.npz").exists()
+
+
+REDUCE = """
+import mlx.core as mx
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten
+from tuning_fork.step import reduce_gradients
+
+rank = mx.distributed.init().rank()
+mx.random.seed(rank)  # each rank its own gradients, in a LoRA-like tree of float32 and bfloat16 arrays
+grad = {"layers": [{"a": mx.random.normal((64, 8)), "b": mx.random.normal((8, 48)),
+                    "h": mx.random.normal((33,)).astype(mx.bfloat16)} for _ in range(6)]}
+want = dict(tree_flatten(average_gradients(grad)))
+for bucket_mb in (0.001, 0.004, 8.0):  # one array a bucket, a few, all in one
+    got = dict(tree_flatten(reduce_gradients(grad, bucket_mb)))
+    assert list(got) == list(want)
+    assert all(got[k].dtype == want[k].dtype and mx.array_equal(got[k], want[k]).item() for k in want), bucket_mb
+print("EQUAL", rank)
+"""
+
+
+def test_bucketed_last_layer_first_reduction_equals_the_plain_all_reduce(tmp_path):
+    """schedule.reduce_bucket_mb: gradients averaged in buckets, last layer first (so that the reduction can
+    overlap the backward pass), equal bit for bit to mlx's average_gradients on two ring processes."""
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE)
+    proc = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, str(script)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EQUAL 0" in proc.stdout and "EQUAL 1" in proc.stdout, proc.stdout

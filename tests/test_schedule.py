@@ -1,5 +1,6 @@
 """The epoch arithmetic: worked values, properties for any input, the resolver in the CLI, and summary=true."""
 
+import json
 import math
 
 import pytest
@@ -101,12 +102,17 @@ def test_summary_prints_statistics_and_plan_and_trains_nothing(tmp_path):
     folder = make_data(tmp_path / "d", n_train=37, n_valid=9)
     run = tmp_path / "run"
     proc = run_cli("summary=true", "data=jsonl", f"data.path={folder}", "schedule.batch_size=4",
-                   "schedule.epochs=2", f"hydra.run.dir={run}", env={"COLUMNS": "200"})
+                   "schedule.epochs=2", "data.mask_prompt=true", "schedule.lr_schedule.warmup_proportion=0.1",
+                   f"hydra.run.dir={run}", env={"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "train" in out and "valid" in out and "37" in out and "pad (ours)" in out
     assert "iterations" in out and "20" in out and "mlx_lm.lora --train" in out and "--iters 20" in out
     assert not (run / "adapters").exists() and not (run / "metrics.jsonl").exists()
+    summary = json.loads((run / "summary.json").read_text())  # the same figures, for scripts
+    train = summary["splits"]["train"]
+    assert train["records"] == 37 and 0 < train["target_tokens"] < train["tokens"] and train["too_long"] == 0
+    assert summary["plan"]["iters"] == 20 and summary["plan"]["warmup"] == 2 and "padding" in train
 
 
 @pytest.mark.slow
@@ -139,3 +145,43 @@ def test_summary_with_packing_plans_in_packed_rows(tmp_path):
     assert train["rows"] < 37 and train["padding"] < 0.2  # ~6 records a row, little padding
     assert out["plan"]["packed_rows_per_epoch"] == train["rows"]
     assert out["plan"]["iters"] == 2 * math.ceil(train["rows"] / 2)
+
+
+def test_warmup_and_decay_in_proportions_resolve_into_updates(tmp_path):
+    """mlx-tuning-fork's dynamic learning: warmup as a share of the run, then cosine or linear decay to a
+    floor. The resolver turns the share into updates (`--cfg job --resolve` shows it); an explicit warmup wins."""
+    from omegaconf import OmegaConf
+
+    from tuning_fork.step import build_lr_schedule
+
+    from .conftest import compose_cfg
+
+    folder = make_data(tmp_path / "d", n_train=40)  # E = 10 batches of 4
+    base = ("data=jsonl", f"data.path={folder}", "schedule=default", "schedule.epochs=4",
+            "schedule.lr_schedule.warmup_proportion=0.1")
+    cfg = compose_cfg(*base, "schedule.grad_accumulation_steps=2")
+    assert OmegaConf.to_container(cfg, resolve=True)["schedule"]["lr_schedule"]["warmup"] == 2  # 10% of 20 updates
+    cfg = compose_cfg(*base, "schedule.lr_schedule.warmup=7")
+    assert cfg.schedule.lr_schedule.warmup == 7 and schedule.run_plan(cfg, 40, 8)["warmup"] == 7
+
+    peak, floor = 1e-3, 1e-4
+    for decay, middle in (("cosine", floor + (peak - floor) / 2), ("linear", floor + (peak - floor) / 2)):
+        sc = OmegaConf.create({"decay": decay, "name": None, "arguments": [], "min_lr": None, "min_lr_ratio": 0.1,
+                               "warmup_init": 0.0})
+        lr = build_lr_schedule(peak, sc, updates=40, warmup=4)
+        assert float(lr(0)) == 0.0 and float(lr(4)) == pytest.approx(peak)
+        assert float(lr(4 + 18)) == pytest.approx(middle, rel=1e-3), decay  # halfway through the decay
+        assert float(lr(40)) == pytest.approx(floor, rel=1e-3)
+
+
+def test_a_warmup_longer_than_the_run_is_one_line(tmp_path):
+    from .conftest import compose_cfg
+
+    folder = make_data(tmp_path / "d", n_train=40)
+    cfg = compose_cfg("data=jsonl", f"data.path={folder}", "schedule=default", "schedule.epochs=1",
+                      "schedule.lr_schedule.warmup=50")
+    with pytest.raises(ConfigError, match=r"warmup=50 updates is longer than the run \(10 optimizer updates\)"):
+        schedule.run_plan(cfg, 40, 8)
+    cfg = compose_cfg("data=jsonl", f"data.path={folder}", "schedule.lr_schedule.warmup_proportion=1.5")
+    with pytest.raises(ConfigError, match="warmup_proportion=1.5"):
+        schedule.run_plan(cfg, 40, 8)

@@ -44,6 +44,7 @@ TaskMetric = choice("TaskMetric", "exact_match", "token_f1", "rouge_l")
 TrainOn = choice("TrainOn", "all_assistant", "last_assistant")
 Reasoning = choice("Reasoning", "keep", "drop")
 MaskMismatch = choice("MaskMismatch", "error", "skip")
+Decay = choice("Decay", "cosine", "linear", "constant")
 
 
 @dataclass
@@ -82,17 +83,23 @@ class DataConfig:
     packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record
 
 
-@dataclass
-class LRScheduleConfig:
-    name: Optional[str] = None  # null: a constant rate; else an mlx.optimizers.schedulers function, e.g. cosine_decay
-    arguments: List[Any] = field(default_factory=list)  # its positional arguments after the peak rate
-    warmup: int = 0  # linear warmup, in optimizer updates
-    warmup_init: float = 0.0
-
-
 def derived(key: str):
     """The default of a derived schedule key: computed from epochs and the data's size (schedule.py)."""
     return field(default="${tf.plan:%s}" % key)
+
+
+@dataclass
+class LRScheduleConfig:
+    # after the warmup, the rate decays from its peak to min_lr over the rest of the run (mlx-tuning-fork's
+    # dynamic_learning): cosine | linear | constant; or name: any mlx.optimizers.schedulers function
+    decay: Optional[Decay] = None
+    min_lr: Optional[float] = None  # where the decay ends (default 0); or min_lr_ratio: a share of the peak
+    min_lr_ratio: Optional[float] = None
+    name: Optional[str] = None  # e.g. cosine_decay, with its positional arguments after the peak rate:
+    arguments: List[Any] = field(default_factory=list)
+    warmup_proportion: Optional[float] = None  # linear warmup over this share of the optimizer updates
+    warmup: int = derived("warmup")  # linear warmup, in optimizer updates (set it to override the proportion)
+    warmup_init: float = 0.0
 
 
 @dataclass
@@ -113,6 +120,7 @@ class ScheduleConfig:
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
     loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
+    reduce_bucket_mb: float = 8.0  # several ranks: gradients averaged in buckets of this size, last layer first
     # the plan in epochs and proportions (mlx-tuning-fork's names); see tuning_fork/schedule.py
     epochs: Optional[float] = None  # wins over iters; with neither, one epoch
     evals_per_epoch: Optional[float] = None

@@ -12,6 +12,7 @@ batch size B (global, across data-parallel ranks):
                       else validations_per_train_item * validation_interval_proportion * iters
     steps_per_report= iters * reporting_interval_proportion
     save_every      = E / saves_per_epoch       else iters * adapter_save_interval_proportion
+    lr_schedule.warmup = updates * lr_schedule.warmup_proportion     (updates = ceil(iters / accumulation))
 
 Fractions round down; every interval is then at least 1 and at most iters; val_batches never exceeds the
 ceil(V / B) batches the validation set holds. The last iteration always validates and saves. Intervals may
@@ -85,8 +86,19 @@ def plan(n_train: int, n_valid: int, s, iters: int | None = None) -> dict:
         val_batches = int(get("validations_per_train_item") * get("validation_interval_proportion") * iters)
     val_batches = min(max(1, val_batches), max(1, math.ceil(n_valid / B)))
 
-    return dict(steps_per_epoch=E, iters=iters, steps_per_eval=steps_per_eval,
-                steps_per_report=steps_per_report, save_every=save_every, val_batches=val_batches)
+    return dict(steps_per_epoch=E, iters=iters, steps_per_eval=steps_per_eval, steps_per_report=steps_per_report,
+                save_every=save_every, val_batches=val_batches, warmup=warmup_updates(get, iters))
+
+
+def warmup_updates(get, iters: int) -> int:
+    """Warmup in optimizer updates: a proportion of the run's updates (0 without one)."""
+    lr = get("lr_schedule")
+    proportion = lr.get("warmup_proportion") if lr is not None else None
+    if proportion is None:
+        return 0
+    if not 0 <= proportion < 1:
+        raise ConfigError(f"schedule.lr_schedule.warmup_proportion={proportion}: use a share of the run in [0, 1)")
+    return int(proportion * math.ceil(iters / max(1, int(get("grad_accumulation_steps") or 1))))
 
 
 # ------------------------------------------------------------------------------------------- resolvers
@@ -154,4 +166,10 @@ def run_plan(cfg, units: int, n_valid: int) -> dict:
     out = {k: derived[k] if k == "iters" or OmegaConf.is_interpolation(s, k) else s[k] for k in DERIVED}
     for k in ("steps_per_eval", "steps_per_report", "save_every"):
         out[k] = min(out[k], out["iters"])
+    derived_warmup = OmegaConf.is_interpolation(s.lr_schedule, "warmup")
+    out["warmup"] = warmup_updates(s.get, out["iters"]) if derived_warmup else s.lr_schedule.warmup
+    updates = math.ceil(out["iters"] / s.grad_accumulation_steps)
+    if out["warmup"] > updates:
+        raise ConfigError(f"schedule.lr_schedule.warmup={out['warmup']} updates is longer than the run "
+                          f"({updates} optimizer updates): shorten the warmup or train longer")
     return out

@@ -102,15 +102,55 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
     return total
 
 
+BUCKET_MB = 8  # gradients are averaged across ranks in buckets of about this size (see reduce_gradients)
+
+
+def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
+    """The mean of `grad` across data-parallel ranks, in buckets taken last layer first.
+
+    The backward pass produces the last layers' gradients first, so their buckets can be summed while
+    the earlier layers' are still being computed (mlx's average_gradients packs the tree in model order,
+    first layer first, in 32 MB buckets: the first all-reduce waits for the whole backward pass). Each
+    element is summed across ranks exactly as one all-reduce sums it: the results are identical
+    (tests/test_distributed.py). `bucket_mb <= 0`: mlx's average_gradients."""
+    import mlx.core as mx
+    from mlx.nn.utils import average_gradients
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    group = mx.distributed.init()
+    n = group.size()
+    if n == 1:
+        return grad
+    if bucket_mb <= 0:
+        return average_gradients(grad)
+    flat = tree_flatten(grad)
+    limit, buckets, size = bucket_mb * 2**20, [[]], 0
+    for i in reversed(range(len(flat))):
+        a = flat[i][1]
+        if buckets[-1] and (size >= limit or a.dtype != flat[buckets[-1][0]][1].dtype):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += a.nbytes
+    out = [None] * len(flat)
+    for bucket in buckets:
+        arrays = [flat[i][1] for i in bucket]
+        summed = mx.distributed.all_sum(mx.concatenate([a.reshape(-1) for a in arrays]), stream=stream) / n
+        at = 0
+        for i, a in zip(bucket, arrays):
+            out[i] = (flat[i][0], summed[at:at + a.size].reshape(a.shape))
+            at += a.size
+    return tree_unflatten(out)
+
+
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
-              loss_fn=None):
+              loss_fn=None, bucket_mb: float = BUCKET_MB):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
     are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight, aux)` is
     the objective's (default: next-token loss); aux is a dict of arrays (its metrics, and "tokens" trained).
     Returns (step, state): step(batch, grad, update) -> (loss, weight, aux, grad); evaluate `state` after each."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.nn.utils import average_gradients
     from mlx.utils import tree_map
 
     if grad_checkpoint:
@@ -129,7 +169,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
         if update:
-            grad = average_gradients(grad)
+            grad = reduce_gradients(grad, bucket_mb)
             if accumulation > 1:
                 grad = tree_map(lambda g: g / accumulation, grad)
             optimizer.update(model, grad)
@@ -228,13 +268,14 @@ def check_optimizer_args(name: str, args: dict) -> dict:
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in args.items()}
 
 
-def build_optimizer(s, updates: int):
-    """mlx's optimizer `s.optimizer`, with `s.optimizer_args` and the learning-rate schedule."""
+def build_optimizer(s, updates: int, warmup: int = 0):
+    """mlx's optimizer `s.optimizer`, with `s.optimizer_args` and the learning-rate schedule (`warmup`:
+    its warmup in optimizer updates, from the run's plan)."""
     from .errors import ConfigError
 
     lr = s.learning_rate
-    if s.lr_schedule.name or s.lr_schedule.warmup:
-        lr = build_lr_schedule(s.learning_rate, s.lr_schedule, updates)
+    if s.lr_schedule.name or s.lr_schedule.decay or warmup:
+        lr = build_lr_schedule(s.learning_rate, s.lr_schedule, updates, warmup)
     name = str(s.optimizer)
     kwargs = check_optimizer_args(name, dict(s.optimizer_args))
     try:
@@ -243,25 +284,31 @@ def build_optimizer(s, updates: int):
         raise ConfigError(f"schedule.optimizer_args={kwargs}: wrong for {name} ({e})") from None
 
 
-def build_lr_schedule(peak: float, sc, updates: int):
-    """mlx's schedulers, with lengths counted in optimizer updates and sensible default arguments."""
+def build_lr_schedule(peak: float, sc, updates: int, warmup: int):
+    """mlx's schedulers, with lengths counted in optimizer updates and sensible default arguments: a linear
+    warmup from warmup_init, then `decay` (cosine, linear or constant) to min_lr, or mlx's `name`."""
     import mlx.optimizers as optim
 
     from .errors import ConfigError
 
-    name = sc.name or "constant"
+    if sc.decay and sc.name:
+        raise ConfigError(f"schedule.lr_schedule: decay={sc.decay} and name={sc.name} both set: choose one")
+    if sc.min_lr is not None and sc.min_lr_ratio is not None:
+        raise ConfigError("schedule.lr_schedule: min_lr and min_lr_ratio both set: choose one")
+    end = sc.min_lr if sc.min_lr is not None else peak * (sc.min_lr_ratio or 0.0)
+    decay = max(1, updates - warmup)
+    name = {"cosine": "cosine_decay", "linear": "linear_schedule"}.get(str(sc.decay), sc.name) or "constant"
     fn = (lambda peak: lambda step: peak) if name == "constant" else getattr(optim.schedulers, name, None)
     names = [n for n in dir(optim.schedulers) if n.endswith(("_decay", "_schedule")) and n != "join_schedules"]
     if fn is None or not callable(fn):
         raise ConfigError(f"schedule.lr_schedule.name={name}: unknown: choose one of {', '.join(names)}")
-    decay = max(1, updates - sc.warmup)
-    defaults = {"cosine_decay": [decay], "linear_schedule": [0.0, decay]}
-    arguments = list(sc.arguments) or defaults.get(name, [])
+    defaults = {"cosine_decay": [decay, end], "linear_schedule": [end, decay]}
+    arguments = list(sc.arguments) if sc.name else defaults.get(name, [])
     try:
         schedule = fn(peak, *arguments)
     except TypeError as e:
         raise ConfigError(f"schedule.lr_schedule.arguments={arguments}: wrong for {name} ({e})") from None
-    if sc.warmup > 0:
-        warm = optim.schedulers.linear_schedule(sc.warmup_init, peak, sc.warmup)
-        schedule = optim.schedulers.join_schedules([warm, schedule], [sc.warmup])
+    if warmup > 0:
+        warm = optim.schedulers.linear_schedule(sc.warmup_init, peak, warmup)
+        schedule = optim.schedulers.join_schedules([warm, schedule], [warmup])
     return schedule

@@ -1,6 +1,7 @@
 """`summary=true`: the data's statistics and the training plan, read at a glance; nothing is trained.
 
-Loads only the tokenizer and the data; writes nothing to the run folder.
+Loads only the tokenizer and the data; writes the same figures to RUN/summary.json (per split: records,
+tokens, target tokens, records over max_seq_length, padding; the plan: iterations, intervals, warmup).
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def summarize(cfg) -> dict:
     out["mlx_lm_command"] = mlx_lm_command(cfg, base, out["plan"])
     console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
     console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
+    from .errors import ConfigError
+    from .train import output_dir
+
+    try:
+        folder = output_dir(cfg)
+    except ConfigError:  # called from Python without a run folder: nothing to write to
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    models.write_json(folder / "summary.json", out)
     return out
 
 
@@ -79,28 +89,35 @@ def split_stats(cfg, splits, tokenizer, console) -> dict:
     for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}",
                 "pad (packed)" if cfg.data.packing else "pad (ours)", "pad (mlx-lm)"):
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
-    out = {}
+    out, notes = {}, []
     for name, split in splits.items():
         if cfg.objective.name != "sft":  # pairs: a pair is as long as its longer answer, its tokens are both's
-            encoded = data.encode_pairs(split, tokenizer, cfg.data, cfg.prompt)
+            encoded = data.encode_pairs(split, tokenizer, cfg.data, cfg.prompt, notes)
             lengths = [max(len(p[0]), len(p[2])) for p in encoded]
-            kept = [max(len(p[0]), len(p[2])) for p in data.limit_pairs(encoded, split, cfg.data)[0]]
+            trained = data.limit_pairs(encoded, split, cfg.data)[0]
+            kept = [max(len(p[0]), len(p[2])) for p in trained]
             tokens = sum(len(p[0]) + len(p[2]) for p in encoded)
+            target = sum(data.targets(p[0], p[1], max_len) + data.targets(p[2], p[3], max_len) for p in trained)
         else:
-            encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt)
+            encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt, notes)
             lengths = [len(ids) for ids, _ in encoded]
-            kept = [len(ids) for ids, _ in data.limit_lengths(encoded, split, cfg.data)[0]]  # what trains (too_long)
+            trained = data.limit_lengths(encoded, split, cfg.data)[0]  # what trains (too_long)
+            kept = [len(ids) for ids, _ in trained]
             tokens = sum(lengths)
+            target = sum(data.targets(ids, spans, max_len) for ids, spans in trained)
         packing = cfg.data.packing and name == "train"  # validation and test are never packed
         ours, theirs, rows = batcher_waste(kept, min(s.batch_size, len(kept)), max_len, cfg.seed, packing)
-        row = dict(records=len(lengths), tokens=tokens, mean=sum(lengths) / len(lengths), max=max(lengths),
-                   too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs, kept=len(kept))
+        row = dict(records=len(lengths), tokens=tokens, target_tokens=target, mean=sum(lengths) / len(lengths),
+                   max=max(lengths), too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs,
+                   kept=len(kept))
         if rows is not None:
             row["rows"] = rows
         out[name] = row
         stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
                       f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
     console.print(stats)
+    for note in notes:
+        console.print(f"tuning_fork: {note}", highlight=False, markup=False)
     return out
 
 
@@ -127,6 +144,7 @@ PLAN_ROWS = [("batches per epoch (E)", "steps_per_epoch", "{:,}"), ("epochs", "e
              ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
              ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
              ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
+             ("warmup", "warmup", "{:,} updates"),
              ("tokens per epoch", "tokens_per_epoch", "{:,}"), ("packed rows per epoch", "packed_rows_per_epoch", "{:,}")]
 
 

@@ -140,7 +140,7 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
         models.load_previous(run.model, source)
     if hasattr(run.objective, "prepare"):  # e.g. the reference log-probabilities of the starting policy
         run.objective.prepare(run.model, run.sets, run.run_dir, resume_from is not None)
-    run.optimizer = build_optimizer(s, updates=math.ceil(run.plan["iters"] / s.grad_accumulation_steps))
+    run.optimizer = build_optimizer(s, math.ceil(run.plan["iters"] / s.grad_accumulation_steps), run.plan["warmup"])
     resolved = resolved_config(cfg, run.plan)
     es = s.early_stopping
     run.state = TrainState(config=resolved, best=Best(es.metric, direction(es.metric, es.mode)))
@@ -152,7 +152,7 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
         models.write_json(run.run_dir / "adapters" / "adapter_config.json", adapter_config)
         write_config(resolved, run.run_dir)
     run.step, run.arrays = make_step(run.model, run.optimizer, s.grad_accumulation_steps, s.grad_checkpoint,
-                                     loss_fn=run.objective.loss)
+                                     loss_fn=run.objective.loss, bucket_mb=s.reduce_bucket_mb)
 
 
 def build_hooks(run: Run, resume_from: Path | None) -> list:
