@@ -13,13 +13,17 @@ Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
-prints one `RESULT {json}` line (rank 0).
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]|plainreduce} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
+prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
+(issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
+does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
+data.collate does) instead of reusing one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from functools import partial
@@ -77,7 +81,15 @@ def main():
     direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
     group = mx.distributed.init()
     s = SHAPES[shape]
-    model = lora_model(s)
+    if os.environ.get("BENCH_MODEL"):
+        from mlx_lm import load
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        model, _ = load(os.environ["BENCH_MODEL"])
+        model.freeze()
+        linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
+    else:
+        model = lora_model(s)
     opt = optim.Adam(learning_rate=1e-5)
     tokens = mx.random.randint(0, s["vocab_size"], (B, T + 1))
 
@@ -98,7 +110,15 @@ def main():
         chunk = int(variant[len("chunked"):] or 256) if variant.startswith("chunked") else None
         step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=0 if variant == "plainreduce" else 8)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
-        run = lambda: step(batch, None, True)[:2]
+        if os.environ.get("BENCH_FRESH"):
+            import numpy as np
+
+            rng = np.random.default_rng(0)
+            fresh = lambda: (mx.array(rng.integers(0, s["vocab_size"], (B, T + 1)).astype(np.int32)),
+                             mx.array(np.ones((B, T), bool)))
+            run = lambda: step(fresh(), None, True)[:2]
+        else:
+            run = lambda: step(batch, None, True)[:2]
 
     pace = HostPace(direct)
     for _ in range(WARMUP):
@@ -118,7 +138,7 @@ def main():
                   step_s=dt, tok_s=tok_s, tflops=tok_s * fpt / 1e12 / group.size(),
                   mfu=tok_s * fpt / 1e12 / group.size() / PEAK_TFLOPS, peak_gb=mx.get_peak_memory() / 1e9,
                   launches="direct" if direct else "graphs" if mx.cuda.is_available() else None,
-                  loss=value.item())
+                  loss=value.item(), loaded=bool(os.environ.get("BENCH_MODEL")), fresh=bool(os.environ.get("BENCH_FRESH")))
     if group.rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
 

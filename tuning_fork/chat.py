@@ -187,10 +187,7 @@ class Conversations:
                 prompt, target = self.turn(messages, k, tools)
             except MaskError as e:
                 raise MaskError(f"assistant turn {n}: {e}") from None
-            if rows and prompt.startswith(rows[-1][0]):
-                text, spans = rows.pop()
-            else:
-                text, spans = "", []
+            spans = rows.pop()[1] if rows and prompt.startswith(rows[-1][0]) else []  # the row goes on
             rows.append((prompt + target, spans + [(len(prompt), len(prompt) + len(target))]))
         return rows
 
