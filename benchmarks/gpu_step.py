@@ -7,13 +7,13 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
                 host paced by a memory limit set from the first step (step.HostPace)
   graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
-  plainreduce   our step with mlx's average_gradients (model order, 32 MB buckets) instead of our
-                last-layer-first buckets (step.reduce_gradients, schedule.reduce_bucket_mb=8)
+  bucketed[MB]  our step with gradients averaged in buckets of MB (default 8) taken last layer first
+                (step.reduce_gradients, schedule.reduce_bucket_mb) instead of mlx's average_gradients
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]|plainreduce} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]|bucketed[MB]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
 prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
@@ -108,7 +108,8 @@ def main():
         run = lambda: step(*args)
     else:
         chunk = int(variant[len("chunked"):] or 256) if variant.startswith("chunked") else None
-        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=0 if variant == "plainreduce" else 8)
+        bucket = float(variant[len("bucketed"):] or 8) if variant.startswith("bucketed") else 0
+        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=bucket)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):
             import numpy as np

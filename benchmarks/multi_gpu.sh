@@ -7,17 +7,37 @@
 set -u
 part=${1:-1b}
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
-export PYTHONPATH=/tmp/tf-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the package as a wheel lays it out (conf/ ships as tuning_fork.conf), without pip
+rm -rf /tmp/tf-src && mkdir -p /tmp/tf-src && cp -r tuning_fork /tmp/tf-src/ && cp -r conf /tmp/tf-src/tuning_fork/conf
+export PYTHONPATH=/tmp/tf-site:/tmp/tf-src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 launch() { python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch']+sys.argv[1:]; sys.exit(main())" -n 2 --backend nccl -- "$@"; }
 step() { timeout 240 python3 benchmarks/gpu_step.py "$@" 2>&1 | grep RESULT || echo "FAILED step $*"; }
 step2() { timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','benchmarks/gpu_step.py']+sys.argv[1:]; sys.exit(main())" "$@" 2>&1 | grep RESULT || echo "FAILED step2 $*"; }
 
+cli() {
+echo "== the CLI, uniform 8x1024 batches, one epoch of 800 records: one GPU, two GPUs"
+for n in 1 2; do
+  SECONDS=0
+  args="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl data.path=/tmp/uni schedule.batch_size=$((8 * n)) schedule.epochs=1 data.max_seq_length=1024 schedule.val_batches=2 hydra.run.dir=/tmp/r$n"
+  if [ $n = 1 ]; then CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m tuning_fork $args > "$OUT/cli$n.log" 2>&1
+  else timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','-m','tuning_fork']+sys.argv[1:]; sys.exit(main())" $args > "$OUT/cli$n.log" 2>&1; fi
+  echo "cli n=$n rc=$? wall=${SECONDS}s"
+  python3 -c "
+import json, statistics as st
+r = [json.loads(l) for l in open('/tmp/r$n/metrics.jsonl')]
+t = [x for x in r if 'train_loss' in x]
+tps = [x['tokens_per_second'] for x in t[3:]]
+print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tokens', t[-1]['trained_tokens'], 'peak', t[-1].get('peak_memory'))" 2>&1 | tail -1
+  cp /tmp/r$n/metrics.jsonl "$OUT/cli${n}_metrics.jsonl" 2>/dev/null
+done
+}
 if [ "$part" = 8b ]; then
-  echo "== 8B 4x2048: one GPU, two GPUs (ours, plain)"
+  cli
+  echo "== 8B 4x2048: one GPU, two GPUs (plain, bucketed 8 MB)"
   CUDA_VISIBLE_DEVICES=0 step tuning_fork 8b 4 2048
   step2 tuning_fork 8b 4 2048
-  step2 plainreduce 8b 4 2048
+  step2 bucketed8 8b 4 2048
   exit 0
 fi
 CUDA_VISIBLE_DEVICES=0 python3 - <<'PY'
@@ -45,18 +65,5 @@ CUDA_VISIBLE_DEVICES=0 step tuning_fork 1b 8 1024
 CUDA_VISIBLE_DEVICES=0 BENCH_MODEL=/tmp/m1b step tuning_fork 1b 8 1024
 CUDA_VISIBLE_DEVICES=0 BENCH_MODEL=/tmp/m1b BENCH_FRESH=1 step tuning_fork 1b 8 1024
 step2 tuning_fork 1b 8 1024
-step2 plainreduce 1b 8 1024
-echo "== the CLI, uniform 8x1024 batches, one epoch of 800 records: one GPU, two GPUs"
-for n in 1 2; do
-  SECONDS=0
-  args="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl data.path=/tmp/uni schedule.batch_size=$((8 * n)) schedule.epochs=1 data.max_seq_length=1024 schedule.val_batches=2 hydra.run.dir=/tmp/r$n"
-  if [ $n = 1 ]; then CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m tuning_fork $args > "$OUT/cli$n.log" 2>&1
-  else timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','-m','tuning_fork']+sys.argv[1:]; sys.exit(main())" $args > "$OUT/cli$n.log" 2>&1; fi
-  echo "cli n=$n rc=$? wall=${SECONDS}s"
-  python3 -c "
-import json, statistics as st
-r = [json.loads(l) for l in open('/tmp/r$n/metrics.jsonl')]
-t = [x for x in r if 'train_loss' in x]
-tps = [x['tokens_per_second'] for x in t[3:]]
-print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tokens', t[-1]['trained_tokens'], 'peak', t[-1].get('peak_memory'))" 2>&1 | tail -1
-done
+step2 bucketed8 1b 8 1024
+cli

@@ -102,7 +102,7 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
     return total
 
 
-BUCKET_MB = 8  # gradients are averaged across ranks in buckets of about this size (see reduce_gradients)
+BUCKET_MB = 0  # > 0: gradients averaged across ranks in buckets of about this size (see reduce_gradients)
 
 
 def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
@@ -112,7 +112,9 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
     the earlier layers' are still being computed (mlx's average_gradients packs the tree in model order,
     first layer first, in 32 MB buckets: the first all-reduce waits for the whole backward pass). Each
     element is summed across ranks exactly as one all-reduce sums it: the results are identical
-    (tests/test_distributed.py). `bucket_mb <= 0`: mlx's average_gradients."""
+    (tests/test_distributed.py). `bucket_mb <= 0` (the default): mlx's average_gradients, which measured
+    faster on two H200s (BENCHMARKS.md: MLX did not overlap the buckets with the backward pass, and six
+    all-reduces cost more than two)."""
     import mlx.core as mx
     from mlx.nn.utils import average_gradients
     from mlx.utils import tree_flatten, tree_unflatten
