@@ -7,9 +7,9 @@
 set -u
 part=${1:-1b}
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
-# the package as a wheel lays it out (conf/ ships as tuning_fork.conf), without pip
-rm -rf /tmp/tf-src && mkdir -p /tmp/tf-src && cp -r tuning_fork /tmp/tf-src/ && cp -r conf /tmp/tf-src/tuning_fork/conf
-export PYTHONPATH=/tmp/tf-site:/tmp/tf-src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the package as a wheel lays it out (conf/ ships as tuning_fork.conf), without pip: this checkout is a copy
+[ -e tuning_fork/conf ] || cp -r conf tuning_fork/conf
+export PYTHONPATH=/tmp/tf-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 launch() { python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch']+sys.argv[1:]; sys.exit(main())" -n 2 --backend nccl -- "$@"; }
 step() { timeout 240 python3 benchmarks/gpu_step.py "$@" 2>&1 | grep RESULT || echo "FAILED step $*"; }
@@ -32,6 +32,7 @@ print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tok
   cp /tmp/r$n/metrics.jsonl "$OUT/cli${n}_metrics.jsonl" 2>/dev/null
 done
 }
+if [ "$part" = cli ]; then cli; exit 0; fi
 if [ "$part" = 8b ]; then
   cli
   echo "== 8B 4x2048: one GPU, two GPUs (plain, bucketed 8 MB)"
