@@ -4,8 +4,7 @@
 # graphs (no host pacing); direct launches without the pacing's memory limit; and its train_step timed
 # piecewise (dispatch, evaluation, host reads).
 set -u
-[ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
-[ -e tuning_fork/conf ] || cp -r conf tuning_fork/conf
+bash benchmarks/multi_gpu.sh model || exit 3
 export PYTHONPATH=/tmp/tf-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=0
 args="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl data.path=/tmp/uni schedule.batch_size=8 schedule.epochs=null schedule.iters=60 data.max_seq_length=1024 schedule.val_batches=2 schedule.steps_per_report=10"
 median() { python3 -c "

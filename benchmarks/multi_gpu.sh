@@ -15,32 +15,8 @@ launch() { python3 -c "import sys; from mlx._distributed_utils.launch import mai
 step() { timeout 240 python3 benchmarks/gpu_step.py "$@" 2>&1 | grep RESULT || echo "FAILED step $*"; }
 step2() { timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','benchmarks/gpu_step.py']+sys.argv[1:]; sys.exit(main())" "$@" 2>&1 | grep RESULT || echo "FAILED step2 $*"; }
 
-cli() {
-echo "== the CLI, uniform 8x1024 batches, one epoch of 800 records: one GPU, two GPUs"
-for n in 1 2; do
-  SECONDS=0
-  args="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl data.path=/tmp/uni schedule.batch_size=$((8 * n)) schedule.epochs=1 data.max_seq_length=1024 schedule.val_batches=2 hydra.run.dir=/tmp/r$n"
-  if [ $n = 1 ]; then CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m tuning_fork $args > "$OUT/cli$n.log" 2>&1
-  else timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','-m','tuning_fork']+sys.argv[1:]; sys.exit(main())" $args > "$OUT/cli$n.log" 2>&1; fi
-  echo "cli n=$n rc=$? wall=${SECONDS}s"
-  python3 -c "
-import json, statistics as st
-r = [json.loads(l) for l in open('/tmp/r$n/metrics.jsonl')]
-t = [x for x in r if 'train_loss' in x]
-tps = [x['tokens_per_second'] for x in t[3:]]
-print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tokens', t[-1]['trained_tokens'], 'peak', t[-1].get('peak_memory'))" 2>&1 | tail -1
-  cp /tmp/r$n/metrics.jsonl "$OUT/cli${n}_metrics.jsonl" 2>/dev/null
-done
-}
-if [ "$part" = cli ]; then cli; exit 0; fi
-if [ "$part" = 8b ]; then
-  cli
-  echo "== 8B 4x2048: one GPU, two GPUs (plain, bucketed 8 MB)"
-  CUDA_VISIBLE_DEVICES=0 step tuning_fork 8b 4 2048
-  step2 tuning_fork 8b 4 2048
-  step2 bucketed8 8b 4 2048
-  exit 0
-fi
+make_model() {  # a random Llama-3.2-1B-like model in Transformers' format, and 800 uniform records
+[ -e /tmp/m1b/config.json ] && return
 CUDA_VISIBLE_DEVICES=0 python3 - <<'PY'
 import json, os, random, torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -61,6 +37,35 @@ for split, n in (("train", 800), ("valid", 16)):
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(f"t{rnd.randrange(4, 30000)}" for _ in range(1500))}) + "\n")
 PY
+}
+cli() {
+echo "== the CLI, uniform 8x1024 batches, one epoch of 800 records: one GPU, two GPUs"
+for n in 1 2; do
+  SECONDS=0
+  args="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl data.path=/tmp/uni schedule.batch_size=$((8 * n)) schedule.epochs=1 data.max_seq_length=1024 schedule.val_batches=2 hydra.run.dir=/tmp/r$n"
+  if [ $n = 1 ]; then CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m tuning_fork $args > "$OUT/cli$n.log" 2>&1
+  else timeout 300 python3 -c "import sys; from mlx._distributed_utils.launch import main; sys.argv=['mlx.launch','-n','2','--backend','nccl','--','python3','-m','tuning_fork']+sys.argv[1:]; sys.exit(main())" $args > "$OUT/cli$n.log" 2>&1; fi
+  echo "cli n=$n rc=$? wall=${SECONDS}s"
+  python3 -c "
+import json, statistics as st
+r = [json.loads(l) for l in open('/tmp/r$n/metrics.jsonl')]
+t = [x for x in r if 'train_loss' in x]
+tps = [x['tokens_per_second'] for x in t[3:]]
+print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tokens', t[-1]['trained_tokens'], 'peak', t[-1].get('peak_memory'))" 2>&1 | tail -1
+  cp /tmp/r$n/metrics.jsonl "$OUT/cli${n}_metrics.jsonl" 2>/dev/null
+done
+}
+make_model
+if [ "$part" = model ]; then exit 0; fi
+if [ "$part" = cli ]; then cli; exit 0; fi
+if [ "$part" = 8b ]; then
+  cli
+  echo "== 8B 4x2048: one GPU, two GPUs (plain, bucketed 8 MB)"
+  CUDA_VISIBLE_DEVICES=0 step tuning_fork 8b 4 2048
+  step2 tuning_fork 8b 4 2048
+  step2 bucketed8 8b 4 2048
+  exit 0
+fi
 echo "== 1B 8x1024: one GPU (built, loaded, loaded+fresh batches), two GPUs (ours, plain)"
 CUDA_VISIBLE_DEVICES=0 step tuning_fork 1b 8 1024
 CUDA_VISIBLE_DEVICES=0 BENCH_MODEL=/tmp/m1b step tuning_fork 1b 8 1024
