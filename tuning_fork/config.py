@@ -78,6 +78,7 @@ class DataConfig:
     train_on: TrainOn = TrainOn.all_assistant  # with mask_prompt: every assistant turn, or the last one alone
     reasoning: Reasoning = Reasoning.keep  # an assistant turn's <think> reasoning: a target (keep), or left out
     mask_mismatch: MaskMismatch = MaskMismatch.error  # a record the chat template breaks: refuse it, or skip it
+    cache: bool = True  # tokenized splits kept under the tuning_fork cache, reused by reruns and sweep trials
     max_seq_length: int = 2048
     too_long: TooLong = TooLong.truncate  # records over max_seq_length tokens: truncate | drop | error
     packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record

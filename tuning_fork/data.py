@@ -218,6 +218,15 @@ def count_records(data) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- tokenizing
 
 
+def progress(items, n: int, what: str):
+    """`items`, with a progress bar for big splits (tokenizing a million records takes minutes)."""
+    if n < 20_000:
+        return items
+    from rich.progress import track
+
+    return track(items, total=n, description=what, transient=True)
+
+
 def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = None) -> list[tuple[list[int], tuple]]:
     """Every record as training rows (token ids, target spans): text records train on every token; chat and
     prompt/completion records on their assistant turns with data.mask_prompt (see chat.py), else on every
@@ -233,7 +242,7 @@ def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = Non
             raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "
                             "records; text records have no prompt to mask")
         out = []
-        for rec in split.records:
+        for rec in progress(split.records, len(split.records), f"tokenizing {split.name}"):
             ids = tokenizer.encode(rec[fields.text_feature])
             if not ids or ids[-1] != tokenizer.eos_token_id:
                 ids.append(tokenizer.eos_token_id)
@@ -241,7 +250,7 @@ def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = Non
         return out
     chats = Conversations(tokenizer, prompt.format, data)
     out = []
-    for rec, line in zip(split.records, split.lines):
+    for rec, line in progress(zip(split.records, split.lines), len(split.records), f"tokenizing {split.name}"):
         messages, tools = conversation(rec, split.format, fields, prompt)
         out += chats.rows(messages, tools, f"{split.origin}:{line}")
     if notes is not None:

@@ -377,6 +377,13 @@ def diverged(loss: float, done: int, checkpoints: Checkpoints) -> str:
             "or check the data")
 
 
+def token_source(objective) -> str:
+    cached = getattr(objective, "cached", {})
+    if cached and all(cached.values()):
+        return "cached tokens"
+    return "tokenized, cached" if cached else "tokenized"
+
+
 def print_header(run: Run) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.cli_ui import make_console, print_header_panel
@@ -393,6 +400,7 @@ def print_header(run: Run) -> None:
         ("adapter", f"{kind} · {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters train"),
         ("data", f"{cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''} · "
                  f"{len(run.sets['train'])} records"),
+        ("tokens", token_source(run.objective)),
         ("val", validated),
         ("schedule", f"{s.optimizer} · lr {s.learning_rate:g} · batch {s.batch_size}"
                      f"{' packed' if cfg.data.packing else ''} · {run.plan['iters']} iters"),

@@ -22,15 +22,50 @@ from ..errors import ConfigError
 
 class Batched:
     """What objectives share: `self.batcher` (data.Batcher) over their records, and encoding every split with
-    `self.encode_one(split, tokenizer) -> (records, note)`, the note (over-long records) printed once."""
+    `self.encode_one(split, tokenizer) -> (records, note)`, the note (over-long records) printed once.
+    Encoded splits go through the token cache (cache.py) unless data.cache=false; `self.cached` says, per
+    split, whether it came from there. An objective's records are stored as columns of (ids, spans) rows:
+    `to_columns(records)` and `from_columns(columns)` convert (one column by default)."""
 
     def encode(self, splits: dict, tokenizer) -> dict:
-        out = {}
+        from .. import cache
+
+        use = bool(self.cfg.data.get("cache", True))
+        tokenizer_id = cache.tokenizer_digest(tokenizer) if use else None
+        out, self.cached = {}, {}
         for name, split in splits.items():
-            out[name], note = self.encode_one(split, tokenizer)
-            if note and self.rank == 0:
+            k = cache.key(split, tokenizer_id, self.cache_settings()) if use else None
+            hit = cache.load(k) if use else None
+            if hit is not None:
+                out[name], notes = self.from_columns(hit[0]), hit[1]
+            else:
+                out[name], note = self.encode_one(split, tokenizer)
+                notes = [note] if note else []
+                if use and self.rank == 0:
+                    cache.store(k, self.to_columns(out[name]), notes)
+            self.cached[name] = hit is not None
+            for note in notes if self.rank == 0 else ():
                 print(f"tuning_fork: {note}")
         return out
+
+    def cache_settings(self) -> dict:
+        """What besides the split and the tokenizer decides the tokens: the objective, every data setting but
+        where the data lives (its contents are keyed instead), the prompt format and system prompt."""
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(self.cfg.data, resolve=True, enum_to_str=True)
+        for where in ("path", "source", "cache", "hf_config", "train_split", "valid_split", "test_split"):
+            data.pop(where, None)
+        return {"objective": str(self.cfg.objective.name), "data": data,
+                "prompt": {"format": str(self.cfg.prompt.format), "system": self.cfg.prompt.get("system")}}
+
+    @staticmethod
+    def to_columns(records) -> list:
+        return [records]
+
+    @staticmethod
+    def from_columns(columns) -> list:
+        return columns[0]
 
     def train_batches(self, records, start: int = 0):
         return self.batcher.train(records, start)

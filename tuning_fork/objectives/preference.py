@@ -113,6 +113,14 @@ class Preference(Batched):
     def rows(self, records) -> int:
         return len(records)  # an epoch is one pass over the pairs
 
+    @staticmethod
+    def to_columns(records) -> list:
+        return [[(p[0], p[1]) for p in records], [(p[2], p[3]) for p in records]]
+
+    @staticmethod
+    def from_columns(columns) -> list:
+        return [[c, sc, r, sr, 0.0, 0.0] for (c, sc), (r, sr) in zip(*columns)]
+
     def lengths(self, records) -> list[int]:
         return [self.length(p) for p in records]
 
