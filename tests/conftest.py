@@ -17,20 +17,11 @@ import pytest
 # step gives the same losses and gradients.
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 # The suite runs in a worker process per core (pytest-xdist; pyproject.toml): one BLAS thread each, so the
-# workers share the cores instead of fighting over them (1.67x faster than one process on 2 cores).
+# workers share the cores instead of fighting over them (1.67x faster than one process on 2 cores). A test
+# file runs on one worker (--dist loadfile, pyproject.toml): the demo's tests (test_train.py) share one demo
+# run, and at most one two-process test (test_distributed.py) runs at a time.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
-    """The demo's tests share one worker, so the demo trains once; the two-process (ring) runs share one,
-    so at most two of their processes run at a time (--dist loadgroup)."""
-    for item in items:
-        if "demo_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("demo"))
-        elif item.module.__name__.endswith("test_distributed"):
-            item.add_marker(pytest.mark.xdist_group("ring"))
 
 from tuning_fork.tracking import read_metrics  # noqa: F401  (the tests read metrics.jsonl as the app does)
 

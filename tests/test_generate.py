@@ -166,21 +166,6 @@ def test_sampling_options_colour_and_seed():
     assert c.stdout != a.stdout
 
 
-@pytest.mark.slow
-def test_greedy_answer_after_the_demo(demo_run):
-    run_dir, _ = demo_run
-    from tuning_fork.data import demo_dir
-
-    records = [json.loads(x) for x in (demo_dir() / "train.jsonl").read_text().splitlines()][:3]
-    right = 0
-    for rec in records:
-        system, user, answer = (m["content"] for m in rec["messages"])
-        proc = gen(f"run={run_dir}", f"prompt.system={system}", f"prompt.text={user}", "num_tokens=24")
-        assert proc.returncode == 0, proc.stderr
-        right += proc.stdout.strip() == answer
-    assert right >= 2
-
-
 def test_run_folder_must_hold_adapters(tmp_path):
     proc = gen(f"run={tmp_path}", "prompt.text=x")
     assert proc.returncode == 2 and "adapter_config.json" in proc.stderr

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, compose_cfg, make_data, read_metrics
+from .conftest import ROOT, compose_cfg, make_data, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +147,20 @@ def test_a_run_without_wandb_does_not_import_it(tmp_path):
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WANDB False True" in proc.stdout  # the tuner (LoRA layers) is there; W&B is not
+
+
+@pytest.mark.slow
+def test_greedy_answer_after_the_demo(demo_run):
+    """`python -m tuning_fork.generate run=...` answers questions the demo trained on."""
+    run_dir, _ = demo_run
+    from tuning_fork.data import demo_dir
+
+    records = [json.loads(x) for x in (demo_dir() / "train.jsonl").read_text().splitlines()][:3]
+    right = 0
+    for rec in records:
+        system, user, answer = (m["content"] for m in rec["messages"])
+        proc = run_cli(f"run={run_dir}", f"prompt.system={system}", f"prompt.text={user}", "num_tokens=24",
+                       module="tuning_fork.generate")
+        assert proc.returncode == 0, proc.stderr
+        right += proc.stdout.strip() == answer
+    assert right >= 2
