@@ -172,6 +172,8 @@ def test_the_sft_dpo_pipeline_summary_and_a_sweep_over_beta(tmp_path):
     assert "val_reward_accuracy" in json.loads((run / "dpo" / "results.json").read_text())
     summary = run_cli("objective=dpo", "data.path=preference", "summary=true", f"hydra.run.dir={tmp_path / 's'}")
     assert summary.returncode == 0 and "preference" in summary.stdout and "87" in summary.stdout
+    assert "mlx_lm.lora" not in summary.stdout  # mlx-lm has no preference trainer: no "same run" to offer
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["splits"]["train"]["target_tokens"] > 0
     folder = pairs_data(tmp_path / "d")
     proc = run_cli("--multirun", "hydra/sweeper=tuning_fork_optuna", f"hydra.sweep.dir={tmp_path / 'sw'}",
                    *FAST, f"data.path={folder}", "objective=dpo", "hydra.sweeper.n_trials=2",

@@ -64,9 +64,11 @@ def summarize(cfg) -> dict:
     out = {"splits": split_stats(cfg, splits, tokenizer, console)}
     out["plan"] = plan_of(cfg, out["splits"])
     console.print(plan_table(cfg, out["plan"]))
-    out["mlx_lm_command"] = mlx_lm_command(cfg, base, out["plan"])
-    console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
-    console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
+    out["mlx_lm_command"] = None  # mlx-lm's trainer has no preference objective: no equivalent to print
+    if cfg.objective.name == "sft":
+        out["mlx_lm_command"] = mlx_lm_command(cfg, base, out["plan"])
+        console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
+        console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
     from .errors import ConfigError
     from .train import output_dir
 

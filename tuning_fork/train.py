@@ -349,8 +349,10 @@ def output_dir(cfg) -> Path:
         return Path(cfg.output_dir)
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.initialized():  # (after the compose API, the runtime's folder is missing: not a run)
+        folder = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", throw_on_missing=False)
+        if folder:
+            return Path(folder)
     raise ConfigError("output_dir is not set: pass output_dir=<folder> (Hydra sets it for you from the CLI)")
 
 
