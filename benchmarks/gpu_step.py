@@ -9,6 +9,7 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
   bucketed[MB]  our step with gradients averaged in buckets of MB (default 8) taken last layer first
                 (step.reduce_gradients, schedule.reduce_bucket_mb) instead of mlx's average_gradients
+  streamed[MB]  the same, the all-reduces on a GPU stream of their own (to run beside the backward pass)
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -108,8 +109,12 @@ def main():
         run = lambda: step(*args)
     else:
         chunk = int(variant[len("chunked"):] or 256) if variant.startswith("chunked") else None
-        bucket = float(variant[len("bucketed"):] or 8) if variant.startswith("bucketed") else 0
-        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=bucket)
+        bucket, stream = 0, None
+        for kind in ("bucketed", "streamed"):
+            if variant.startswith(kind):
+                bucket = float(variant[len(kind):] or 8)
+                stream = mx.new_stream(mx.default_device()) if kind == "streamed" else None
+        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=bucket, comm_stream=stream)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):
             import numpy as np

@@ -146,7 +146,7 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
 
 
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
-              loss_fn=None, bucket_mb: float = BUCKET_MB):
+              loss_fn=None, bucket_mb: float = BUCKET_MB, comm_stream=None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
     are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight, aux)` is
     the objective's (default: next-token loss); aux is a dict of arrays (its metrics, and "tokens" trained).
@@ -171,7 +171,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
         if update:
-            grad = reduce_gradients(grad, bucket_mb)
+            grad = reduce_gradients(grad, bucket_mb, comm_stream)
             if accumulation > 1:
                 grad = tree_map(lambda g: g / accumulation, grad)
             optimizer.update(model, grad)
