@@ -8,8 +8,9 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
   graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
   bucketed[MB]  our step with gradients averaged in buckets of MB (default 8) taken last layer first
-                (step.reduce_gradients, schedule.reduce_bucket_mb) instead of mlx's average_gradients
-  streamed[MB]  the same, the all-reduces on a GPU stream of their own (to run beside the backward pass)
+                (step.reduce_gradients) on the default stream, instead of mlx's average_gradients
+  streamed[MB]  the same, the all-reduces on a stream of their own, beside the backward pass (what
+                schedule.reduce_bucket_mb=MB does on a GPU)
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -113,7 +114,7 @@ def main():
         for kind in ("bucketed", "streamed"):
             if variant.startswith(kind):
                 bucket = float(variant[len(kind):] or 8)
-                stream = mx.new_stream(mx.default_device()) if kind == "streamed" else None
+                stream = mx.new_stream(mx.default_device()) if kind == "streamed" else mx.default_stream(mx.default_device())
         step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=bucket, comm_stream=stream)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):

@@ -121,7 +121,8 @@ class ScheduleConfig:
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
     loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
-    reduce_bucket_mb: float = 0.0  # several ranks: > 0 averages gradients in buckets of this size, last layer first
+    reduce_bucket_mb: float = 0.0  # several ranks: > 0 averages gradients in buckets of this size, last layer first,
+    #                                on a GPU stream of their own (beside the backward pass)
     # the plan in epochs and proportions (mlx-tuning-fork's names); see tuning_fork/schedule.py
     epochs: Optional[float] = None  # wins over iters; with neither, one epoch
     evals_per_epoch: Optional[float] = None
