@@ -84,14 +84,21 @@ def output_head(model):
 
 
 def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
-    """The summed cross-entropy, `chunk` positions at a time. Each chunk's logits are recomputed in the
-    backward pass (nn.utils.checkpoint) instead of kept: memory for logits drops from batch x length x vocab
-    to batch x chunk x vocab. The head's parameters are the checkpoint's inputs, so they still get
-    gradients when they train (full fine-tuning)."""
+    """The summed cross-entropy, `chunk` positions at a time, so that the (positions x vocabulary) logits
+    never exist at once. A plain head (a Linear without bias, or a tied Embedding) gets a cross-entropy with
+    its own VJP (lse_cross_entropy: it keeps only each position's log-sum-exp and recomputes a chunk's
+    logits in the backward pass); any other head (quantized, say) recomputes each chunk's logits through
+    nn.utils.checkpoint. Either way the head's weights get their gradient when they train."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    plain = type(head) in (nn.Linear, nn.Embedding) and "bias" not in head
+    if plain:
+        n = hidden.shape[0] * hidden.shape[1]
+        return lse_cross_entropy(chunk)(hidden.reshape(n, -1), head.weight, targets.reshape(n),
+                                        mask.reshape(n).astype(mx.float32))[0]
     project = head.as_linear if isinstance(head, nn.Embedding) else head
+
     def piece(t, m):  # targets and mask are constants of the checkpointed function: no gradient for them
         return nn.utils.checkpoint(head, lambda h: (nn.losses.cross_entropy(project(h), t) * m)
                                    .astype(mx.float32).sum())
@@ -100,6 +107,48 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
     for i in range(0, hidden.shape[1], chunk):
         total = total + piece(targets[:, i:i + chunk], mask[:, i:i + chunk])(hidden[:, i:i + chunk])
     return total
+
+
+def lse_cross_entropy(chunk: int):
+    """f(h, w, t, m) -> (sum of m * (logsumexp(h w^T) - (h w^T)[t]), the log-sum-exp of each position), with
+    a VJP that recomputes each chunk's logits from h and w and the saved log-sum-exp: d logits = softmax -
+    onehot(t), scaled by the mask (the cut cross-entropy idea: Wijmans et al., 2024, "Cut Your Losses in
+    Large-Vocabulary Language Models"). h: (n, d) hidden states, w: (V, d) the head, t: (n,) targets,
+    m: (n,) float weights."""
+    import mlx.core as mx
+
+    def chunks(n):
+        return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+
+    def after(x, previous):  # chunk by chunk: MLX would otherwise be free to hold every chunk's logits at once
+        return x if previous is None else mx.depends(x, previous)
+
+    @mx.custom_function
+    def f(h, w, t, m):
+        total, lses = mx.array(0.0), []
+        for a, b in chunks(h.shape[0]):
+            logits = (after(h[a:b], lses[-1] if lses else None) @ w.T).astype(mx.float32)
+            lse = mx.logsumexp(logits, axis=-1)
+            picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
+            total = total + ((lse - picked) * m[a:b]).sum()
+            lses.append(lse)
+        return total, mx.concatenate(lses)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, w, t, m = primals
+        g, lse = cotangents[0], outputs[1]
+        dh, dw = [], mx.zeros(w.shape, mx.float32)
+        for a, b in chunks(h.shape[0]):
+            logits = (after(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
+            d = mx.exp(logits - lse[a:b, None])
+            d = d - (mx.arange(w.shape[0])[None] == t[a:b, None])
+            d = (d * (m[a:b] * g)[:, None]).astype(h.dtype)
+            dh.append(d @ w)
+            dw = dw + (d.T @ h[a:b]).astype(mx.float32)
+        return mx.concatenate(dh), dw.astype(w.dtype), mx.zeros_like(t), mx.zeros_like(m)
+
+    return f
 
 
 BUCKET_MB = 0  # > 0: gradients averaged across ranks in buckets of about this size (see reduce_gradients)
