@@ -6,6 +6,7 @@ Formats are mlx-lm's: {"text"}, {"prompt", "completion"}, {"messages"} (chat, op
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,10 +254,15 @@ def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = Non
     for rec, line in progress(zip(split.records, split.lines), len(split.records), f"tokenizing {split.name}"):
         messages, tools = conversation(rec, split.format, fields, prompt)
         out += chats.rows(messages, tools, f"{split.origin}:{line}")
+    return encoded(out, chats, split, notes, "record")
+
+
+def encoded(out: list, chats, split: Split, notes: list | None, what: str) -> list:
+    """`out`, once encoding's notes are passed on; none of a split left (all skipped) is an error."""
     if notes is not None:
         notes += chats.stats.notes(split.name, chats.keep)
     if not out:
-        raise DataError(f"{split.origin}: every {split.name} record was skipped (data.mask_mismatch=skip): "
+        raise DataError(f"{split.origin}: every {split.name} {what} was skipped (data.mask_mismatch=skip): "
                         f"{chats.stats.skipped[0][1]}")
     return out
 
@@ -296,12 +302,7 @@ def encode_pairs(split: Split, tokenizer, data, prompt, notes: list | None = Non
         c, r = chats.rows(chosen, tools, where), chats.rows(rejected, tools, where)
         if c and r:
             out.append([*c[-1], *r[-1], 0.0, 0.0])
-    if notes is not None:
-        notes += chats.stats.notes(split.name, chats.keep)
-    if not out:
-        raise DataError(f"{split.origin}: every {split.name} pair was skipped (data.mask_mismatch=skip): "
-                        f"{chats.stats.skipped[0][1]}")
-    return out
+    return encoded(out, chats, split, notes, "pair")
 
 
 def limit_pairs(encoded: list, split: Split, data) -> tuple[list, str | None]:
@@ -404,7 +405,9 @@ def merge_short_tail(batches: list, min_batch: int) -> list:
     return batches
 
 
+@functools.cache
 def pad_multiple() -> int:
+    """The input width's multiple on this machine (asked once: collate calls pad_width for every batch)."""
     import mlx.core as mx
 
     return PAD_TO_CUDA if mx.cuda.is_available() else PAD_TO

@@ -21,11 +21,13 @@ from ..errors import ConfigError
 
 
 class Batched:
-    """What objectives share: `self.batcher` (data.Batcher) over their records, and encoding every split with
-    `self.encode_one(split, tokenizer) -> (records, note)`, the note (over-long records) printed once.
-    Encoded splits go through the token cache (cache.py) unless data.cache=false; `self.cached` says, per
-    split, whether it came from there. An objective's records are stored as columns of (ids, spans) rows:
-    `to_columns(records)` and `from_columns(columns)` convert (one column by default)."""
+    """What objectives share: `self.batcher` (data.Batcher) over their records, and encoding every split: the
+    objective's `tokenize(split, tokenizer, data, prompt, notes)` (data.encode_split, data.encode_pairs),
+    then its `limit(records, split, data)` for data.too_long (data.limit_lengths, data.limit_pairs), the
+    notes (reasoning, over-long records) printed once. Encoded splits go through the token cache (cache.py)
+    unless data.cache=false; `self.cached` says, per split, whether it came from there. An objective's
+    records are stored as columns of (ids, spans) rows: `to_columns(records)` and `from_columns(columns)`
+    convert (one column by default)."""
 
     def encode(self, splits: dict, tokenizer) -> dict:
         from .. import cache
@@ -39,14 +41,19 @@ class Batched:
             if hit is not None:
                 out[name], notes = self.from_columns(hit[0]), hit[1]
             else:
-                out[name], note = self.encode_one(split, tokenizer)
-                notes = [note] if note else []
+                out[name], notes = self.encode_one(split, tokenizer)
                 if use and self.rank == 0:
                     cache.store(k, self.to_columns(out[name]), notes)
             self.cached[name] = hit is not None
             for note in notes if self.rank == 0 else ():
                 print(f"tuning_fork: {note}")
         return out
+
+    def encode_one(self, split, tokenizer) -> tuple[list, list]:
+        notes: list = []
+        records = self.tokenize(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
+        records, note = self.limit(records, split, self.cfg.data)
+        return records, notes + [note] if note else notes
 
     def cache_settings(self) -> dict:
         """What besides the split and the tokenizer decides the tokens: the objective, every data setting but

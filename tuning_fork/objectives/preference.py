@@ -89,6 +89,9 @@ def preference_loss(o, chosen, rejected, chosen_n, rejected_n, ref_chosen, ref_r
 class Preference(Batched):
     """Pairs of answers: encoding, length-bucketed pair batches, the loss of `objective.name`, metrics."""
 
+    tokenize = staticmethod(data.encode_pairs)
+    limit = staticmethod(data.limit_pairs)
+
     def __init__(self, cfg, rank: int = 0, size: int = 1):
         if cfg.data.packing:
             raise ConfigError(f"data.packing=true with objective={cfg.objective.name}: pairs are not packed; "
@@ -103,12 +106,6 @@ class Preference(Batched):
     @staticmethod
     def length(pair) -> int:
         return max(len(pair[0]), len(pair[2]))
-
-    def encode_one(self, split, tokenizer):
-        notes: list = []
-        encoded = data.encode_pairs(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
-        encoded, note = data.limit_pairs(encoded, split, self.cfg.data)
-        return encoded, "; ".join(notes + [note] if note else notes) or None
 
     def rows(self, records) -> int:
         return len(records)  # an epoch is one pass over the pairs

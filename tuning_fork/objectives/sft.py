@@ -11,6 +11,8 @@ from . import Batched
 
 class NextToken(Batched):
     name = "sft"
+    tokenize = staticmethod(data.encode_split)
+    limit = staticmethod(data.limit_lengths)
 
     def __init__(self, cfg, rank: int = 0, size: int = 1):
         from ..step import loss, with_tokens
@@ -20,12 +22,6 @@ class NextToken(Batched):
                                     cfg.data.packing, rank, size)
         self.loss = with_tokens(partial(loss, chunk=cfg.schedule.loss_chunk))
         self.eval_loss = with_tokens(loss)  # evaluation keeps no graph: nothing to gain from chunking
-
-    def encode_one(self, split, tokenizer):
-        notes: list = []
-        encoded = data.encode_split(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
-        encoded, note = data.limit_lengths(encoded, split, self.cfg.data)
-        return encoded, "; ".join(notes + [note] if note else notes) or None
 
     def rows(self, records) -> int:
         return self.batcher.rows_per_epoch(records) if self.cfg.data.packing else len(records)
