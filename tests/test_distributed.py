@@ -137,10 +137,16 @@ mx.random.seed(rank)  # each rank its own gradients, in a LoRA-like tree of floa
 grad = {"layers": [{"a": mx.random.normal((64, 8)), "b": mx.random.normal((8, 48)),
                     "h": mx.random.normal((33,)).astype(mx.bfloat16)} for _ in range(6)]}
 want = dict(tree_flatten(average_gradients(grad)))
-for bucket_mb in (0.001, 0.004, 8.0):  # one array a bucket, a few, all in one
+calls, all_sum = [], mx.distributed.all_sum
+mx.distributed.all_sum = lambda x, **kw: calls.append(x.size) or all_sum(x, **kw)
+counts = []
+for bucket_mb in (0.001, 0.004, 8.0):  # an array a bucket (the small ones together), a few, one per dtype
+    calls.clear()
     got = dict(tree_flatten(reduce_gradients(grad, bucket_mb)))
+    counts.append(len(calls))
     assert list(got) == list(want)
     assert all(got[k].dtype == want[k].dtype and mx.array_equal(got[k], want[k]).item() for k in want), bucket_mb
+assert counts[0] == 13 and 2 < counts[1] < 13 and counts[2] == 2, counts  # 12 float32 arrays, 6 small bfloat16
 print("EQUAL", rank)
 """
 

@@ -176,14 +176,16 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
     if bucket_mb <= 0:
         return average_gradients(grad)
     flat = tree_flatten(grad)
-    limit, buckets, size = bucket_mb * 2**20, [[]], 0
+    limit, buckets, filling = bucket_mb * 2**20, [], {}  # filling: a bucket per dtype, (indices, bytes)
     for i in reversed(range(len(flat))):
         a = flat[i][1]
-        if buckets[-1] and (size >= limit or a.dtype != flat[buckets[-1][0]][1].dtype):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(i)
-        size += a.nbytes
+        indices, size = filling.pop(a.dtype, ([], 0))
+        indices.append(i)
+        if size + a.nbytes >= limit:
+            buckets.append(indices)
+        else:
+            filling[a.dtype] = (indices, size + a.nbytes)
+    buckets += [indices for indices, _ in filling.values()]
     out = [None] * len(flat)
     for bucket in buckets:
         arrays = [flat[i][1] for i in bucket]
