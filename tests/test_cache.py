@@ -123,3 +123,33 @@ def test_the_run_header_says_whether_the_cache_was_used(tmp_path, capsys):
                       f"output_dir={tmp_path / 'run3'}"))
     out = capsys.readouterr().out
     assert "cached tokens" not in out and "tokenized" in out
+
+
+def test_a_write_that_fails_midway_leaves_no_entry(tmp_path, monkeypatch):
+    """An entry appears whole or not at all: a writer that dies after its first array leaves nothing a
+    reader could take for an entry."""
+    import numpy as np
+
+    from tuning_fork import cache
+
+    rows = [([1, 2, 3], ((1, 3),)), ([4, 5], ((0, 2),))]
+    saved = []
+
+    def dying_save(path, array):
+        if saved:
+            raise OSError("disk full")
+        saved.append(path)
+        np.lib.format.write_array(open(path, "wb"), np.asarray(array))
+
+    monkeypatch.setattr(cache.np, "save", dying_save)
+    try:
+        cache.store("interrupted", [rows], [])
+    except OSError:
+        pass
+    assert saved and cache.load("interrupted") is None and not (cache.folder() / "interrupted").exists()
+    assert not [p for p in cache.folder().iterdir() if p.name.startswith(".interrupted")]
+    monkeypatch.undo()
+    cache.store("interrupted", [rows], ["a note"])
+    (got,), notes = cache.load("interrupted")
+    assert [([int(t) for t in ids], spans) for ids, spans in got] == [([1, 2, 3], ((1, 3),)), ([4, 5], ((0, 2),))]
+    assert notes == ["a note"]

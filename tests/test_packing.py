@@ -104,9 +104,10 @@ def test_packed_and_unpacked_training_reach_the_same_validation_loss(tmp_path):
     assert packed["val_loss"] == pytest.approx(unpacked["val_loss"], rel=0.1), (packed, unpacked)
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [False, True, "biased"])
 def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tied):
-    """The chunked loss (for 128k vocabularies) against the plain one, for a trained head (full) too."""
+    """The chunked loss (for 128k vocabularies) against the plain one, for a trained head (full) too: its
+    own VJP for a plain head (untied, tied), recomputed checkpoints for any other (a head with a bias)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -116,9 +117,11 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tied):
 
     args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97,
-                           tie_word_embeddings=tied)
+                           tie_word_embeddings=tied is True)
     mx.random.seed(0)
     model = llama.Model(args)
+    if tied == "biased":
+        model.lm_head = nn.Linear(32, 97, bias=True)
     tokens = mx.random.randint(0, 97, (3, 41))
     mask = mx.random.uniform(shape=(3, 40)) > 0.3
     plain = nn.value_and_grad(model, lambda m, *b: loss(m, *b)[0])(model, tokens, mask)
@@ -128,3 +131,15 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tied):
     assert a.keys() == b.keys() and "model.embed_tokens.weight" in a
     for k in a:
         assert mx.allclose(a[k], b[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+def test_rows_are_padded_so_the_models_input_width_is_a_multiple():
+    """The model reads all but a row's last token: that width is what must be a multiple (on CUDA, 1,023
+    inputs ran at half the speed of 1,024), so a full row of max_seq_length tokens gets one padding token."""
+    from tuning_fork.data import pad_width
+
+    assert pad_width(1024, 1024, 128) == 1025 and pad_width(1000, 1024, 128) == 1025
+    assert pad_width(1024, 1024, 32) == 1025 and pad_width(40, 2048, 32) == 65 and pad_width(33, 2048, 32) == 33
+    assert pad_width(5000, 2048, 128) == 2049  # rows are cut to max_seq_length first
+    tokens, mask = collate([(list(range(3, 103)), ((1, 100),))], 100)
+    assert tokens.shape[1] - 1 == mask.shape[1] and (tokens.shape[1] - 1) % 32 == 0
