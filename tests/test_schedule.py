@@ -185,3 +185,20 @@ def test_a_warmup_longer_than_the_run_is_one_line(tmp_path):
     cfg = compose_cfg("data=jsonl", f"data.path={folder}", "schedule.lr_schedule.warmup_proportion=1.5")
     with pytest.raises(ConfigError, match="warmup_proportion=1.5"):
         schedule.run_plan(cfg, 40, 8)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("schedule.lr_schedule.decay=cosine", "schedule.lr_schedule.name=cosine_decay"), "decay=cosine and name=cosine_decay both set"),
+    (("schedule.lr_schedule.decay=cosine", "schedule.lr_schedule.min_lr=1e-6", "schedule.lr_schedule.min_lr_ratio=0.1"),
+     "min_lr and min_lr_ratio both set"),
+    (("schedule.lr_schedule.min_lr=1e-6",), "without a decay has no effect"),
+    (("schedule.lr_schedule.decay=linear", "schedule.lr_schedule.min_lr_ratio=2"), "min_lr_ratio=2"),
+])
+def test_learning_rate_settings_that_do_not_go_together_are_one_line_before_any_work(overrides, message):
+    from tuning_fork import config
+
+    from .conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match=message) as e:
+        config.check(compose_cfg(*overrides))
+    assert "\n" not in str(e.value)

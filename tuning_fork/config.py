@@ -305,6 +305,9 @@ RANGES = [
     ("objective.beta", lambda v: v > 0, "use a positive beta"),
     ("objective.label_smoothing", lambda v: 0 <= v < 0.5, "use a label smoothing in [0, 0.5)"),
     ("eval.generate.max_tokens", lambda v: v >= 1, "use at least 1 token"),
+    ("schedule.lr_schedule.min_lr", lambda v: v >= 0, "use 0 or a positive learning rate"),
+    ("schedule.lr_schedule.min_lr_ratio", lambda v: 0 <= v <= 1, "use a share of the peak rate in [0, 1]"),
+    ("schedule.reduce_bucket_mb", lambda v: v >= 0, "use 0 (mlx's all-reduce) or a bucket size in MB"),
 ]
 
 
@@ -330,7 +333,20 @@ def check(cfg) -> None:
     if a.type == "full" and cfg.model.quantize_bits is not None:
         raise ConfigError(f"model.quantize_bits={cfg.model.quantize_bits!r} is invalid: adapter=full cannot train a "
                           "quantized model: use adapter=qlora, or model.quantize_bits=null")
+    check_lr_schedule(cfg.schedule.lr_schedule)
     check_evaluation(cfg)
+
+
+def check_lr_schedule(sc) -> None:
+    """decay (ours) and name (mlx's scheduler) are two ways to say one thing; min_lr and min_lr_ratio too;
+    a floor needs a decay to reach it."""
+    if sc.decay and sc.name:
+        raise ConfigError(f"schedule.lr_schedule: decay={sc.decay} and name={sc.name} both set: choose one")
+    if sc.min_lr is not None and sc.min_lr_ratio is not None:
+        raise ConfigError("schedule.lr_schedule: min_lr and min_lr_ratio both set: choose one")
+    if (sc.min_lr is not None or sc.min_lr_ratio is not None) and not sc.decay:
+        raise ConfigError("schedule.lr_schedule.min_lr (or min_lr_ratio) without a decay has no effect: set "
+                          "schedule.lr_schedule.decay=cosine or linear")
 
 
 def check_recipe(cfg) -> None:

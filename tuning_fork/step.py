@@ -342,15 +342,12 @@ def build_optimizer(s, updates: int, warmup: int = 0):
 
 def build_lr_schedule(peak: float, sc, updates: int, warmup: int):
     """mlx's schedulers, with lengths counted in optimizer updates and sensible default arguments: a linear
-    warmup from warmup_init, then `decay` (cosine, linear or constant) to min_lr, or mlx's `name`."""
+    warmup from warmup_init, then `decay` (cosine, linear or constant) to min_lr, or mlx's `name` (the
+    settings checked by config.check_lr_schedule)."""
     import mlx.optimizers as optim
 
     from .errors import ConfigError
 
-    if sc.decay and sc.name:
-        raise ConfigError(f"schedule.lr_schedule: decay={sc.decay} and name={sc.name} both set: choose one")
-    if sc.min_lr is not None and sc.min_lr_ratio is not None:
-        raise ConfigError("schedule.lr_schedule: min_lr and min_lr_ratio both set: choose one")
     end = sc.min_lr if sc.min_lr is not None else peak * (sc.min_lr_ratio or 0.0)
     decay = max(1, updates - warmup)
     name = {"cosine": "cosine_decay", "linear": "linear_schedule"}.get(str(sc.decay), sc.name) or "constant"
