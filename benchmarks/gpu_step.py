@@ -80,6 +80,11 @@ def main():
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
+        sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
+                 "streamed[MB]")
+    if shape not in SHAPES:
+        sys.exit(f"gpu_step: unknown shape {shape!r}: {', '.join(SHAPES)}")
     direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
     group = mx.distributed.init()
     s = SHAPES[shape]
