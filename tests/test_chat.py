@@ -138,6 +138,14 @@ UPPER = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m
          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def test_without_mask_prompt_a_rewriting_template_trains_on_its_whole_rendering(tokenizer):
+    """No mask, nothing to cut out: the template's own rendering trains whole, as mlx-lm trains it."""
+    tokenizer._tokenizer.chat_template = UPPER
+    chats = Conversations(tokenizer, "tokenizer", OmegaConf.create({"mask_prompt": False}))
+    (ids, spans), = chats.rows(PLAIN, None, "t.jsonl:3")
+    assert spans == ((0, len(ids)),) and "THE BASS CLEF." in tokenizer._tokenizer.decode(ids)
+
+
 def test_a_template_that_rewrites_the_answer_is_refused_or_skipped(tokenizer):
     tokenizer._tokenizer.chat_template = UPPER
     chats = Conversations(tokenizer, "tokenizer", OmegaConf.create({"mask_prompt": True}))

@@ -158,7 +158,14 @@ class Conversations:
 
     def rows(self, messages, tools, where: str) -> list[tuple[list[int], tuple]]:
         """The training rows of one conversation: (token ids, target spans [(start, end), ...] of tokens).
-        With data.mask_prompt=false every token of a row trains. [] for a record skipped (mask_mismatch)."""
+        With data.mask_prompt=false, one row, every token of it a target: the template's rendering of the
+        whole conversation (no mask to get wrong, so nothing to verify), reasoning inline unless
+        data.reasoning=drop. [] for a record skipped (mask_mismatch)."""
+        if not self.mask:
+            self.stats.reasoning += sum(1 for m in messages if m.get("role") == "assistant" and split_reasoning(m)[0])
+            messages = [shown(m, self.keep) if m.get("role") == "assistant" else m for m in messages]
+            ids = self.encode(self.render(messages, tools, False))
+            return [(ids, ((0, len(ids)),))]
         try:
             texts = self.texts(messages, tools)
             out = [self.tokens(text, spans) for text, spans in texts]
@@ -170,8 +177,6 @@ class Conversations:
             return []
         self.stats.conversations += 1
         self.stats.rows += len(out)
-        if not self.mask:
-            return [(ids, ((0, len(ids)),)) for ids, _ in out]
         return out
 
     def texts(self, messages, tools) -> list[tuple[str, list]]:
@@ -179,7 +184,7 @@ class Conversations:
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
         if self.last_only:
             turns = turns[-1:]
-        if not turns:  # nothing to answer: the whole rendering (it trains only without mask_prompt)
+        if not turns:  # nothing to answer: no target (the record is dropped as having none)
             return [(self.render(messages, tools, False), [])]
         rows: list[tuple[str, list]] = []
         for n, k in enumerate(turns, 1):
