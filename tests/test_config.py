@@ -19,7 +19,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 def test_every_group_has_its_required_options():
     have = {(g, o) for g, o in OPTIONS}
     for need in [("model", m) for m in ("tiny", "mistral", "llama3", "qwen", "gemma", "phi")] + \
-            [("data", d) for d in ("demo", "jsonl", "hf")] + [("schedule", "default"), ("schedule", "epochs3")] + \
+            [("data", d) for d in ("demo", "jsonl", "hf", "mix", "demo_mix")] + [("schedule", "default"), ("schedule", "epochs3")] + \
             [("adapter", a) for a in ("lora", "dora", "full", "qlora")] + \
             [("prompt", p) for p in ("tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")]:
         assert need in have
@@ -30,6 +30,8 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
     if (group, option) == ("data", "hf"):
         pytest.importorskip("datasets")  # the hf extra (in dev); a local copy stands in for the hub
     extra = [f"data.path={make_data(tmp_path / 'd')}"] if (group, option) in (("data", "jsonl"), ("data", "hf")) else []
+    if (group, option) == ("data", "mix"):
+        extra = [f"data.sources.one.path={make_data(tmp_path / 'd')}"]
     cfg = compose_cfg(f"{group}={option}", *extra)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert set(GROUPS) <= set(resolved)
@@ -71,7 +73,7 @@ def test_typos_and_wrong_types_fail_at_composition(override, message):
     ("schedule.optimizer=adamm", "[adam, adamw, sgd, adafactor, muon]"),
     ("adapter.type=loraa", "[lora, dora, full, qlora]"),
     ("data.too_long=cut", "[truncate, drop, error]"),
-    ("data.source=csv", "[demo, jsonl, hf]"),
+    ("data.source=csv", "[demo, jsonl, hf, mix]"),
     ("prompt.format=vicuna", "[tokenizer, chatml, llama3, mistral, alpaca, phi, gemma]"),
 ])
 def test_a_fixed_choice_mistyped_fails_at_composition_listing_the_choices(override, choices):

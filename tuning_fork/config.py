@@ -32,7 +32,8 @@ def choice(name: str, *values: str):
 
 Optimizer = choice("Optimizer", "adam", "adamw", "sgd", "adafactor", "muon")
 AdapterType = choice("AdapterType", "lora", "dora", "full", "qlora")
-DataSource = choice("DataSource", "demo", "jsonl", "hf")
+DataSource = choice("DataSource", "demo", "jsonl", "hf", "mix")
+SourceKind = choice("SourceKind", "demo", "jsonl", "hf")
 TooLong = choice("TooLong", "truncate", "drop", "error")
 PromptFormat = choice("PromptFormat", "tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
 Objective = choice("Objective", "sft", "dpo", "orpo", "simpo")
@@ -55,6 +56,33 @@ class ModelConfig:
     # QLoRA: quantize an unquantized base before fitting adapters. adapter=qlora uses 4 bits when unset.
     quantize_bits: Optional[int] = None
     quantize_group_size: int = 64
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture (data=mix): where its records are, its share of each epoch, and the data
+    settings it changes (null: the data group's)."""
+
+    source: SourceKind = SourceKind.jsonl
+    path: Optional[str] = None  # jsonl: a folder (valid.jsonl optional); hf: a data set id; demo: a subfolder
+    weight: Optional[float] = None  # a share of each epoch's records, with the other weighted sources
+    epochs: Optional[float] = None  # or whole passes over it per epoch (neither: epochs=1)
+    hf_config: Optional[str] = None
+    train_split: str = "train"
+    valid_split: Optional[str] = None  # hf: a validation split, if it has one
+    test_split: Optional[str] = None
+    text_feature: Optional[str] = None
+    prompt_feature: Optional[str] = None
+    completion_feature: Optional[str] = None
+    chat_feature: Optional[str] = None
+    chosen_feature: Optional[str] = None
+    rejected_feature: Optional[str] = None
+    system_feature: Optional[str] = None
+    mask_prompt: Optional[bool] = None
+    train_on: Optional[TrainOn] = None
+    reasoning: Optional[Reasoning] = None
+    prompt_format: Optional[PromptFormat] = None  # its prompt format (prompt.format otherwise)
+    system: Optional[str] = None  # its system prompt (prompt.system otherwise)
 
 
 @dataclass
@@ -82,6 +110,9 @@ class DataConfig:
     max_seq_length: int = 2048
     too_long: TooLong = TooLong.truncate  # records over max_seq_length tokens: truncate | drop | error
     packing: bool = False  # several records per row (up to max_seq_length), attention kept within each record
+    # data=mix: named sources mixed in chosen proportions (data.sources.NAME.path=..., .weight=... or .epochs=...)
+    sources: Dict[str, Any] = field(default_factory=dict)  # each a SourceConfig (checked in mixture.sources)
+    records_per_epoch: Optional[int] = None  # the mixture's epoch (null: what its sources' epochs and sizes make)
 
 
 def derived(key: str):
@@ -230,7 +261,7 @@ class OptunaTrialConfig:
 @dataclass
 class Config:
     model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     adapter: AdapterConfig = MISSING
     prompt: PromptConfig = MISSING
@@ -276,6 +307,8 @@ def register() -> None:
     # any name goes in optimizer_args (`schedule.optimizer_args.weight_decay=0.01`, no `+`); the optimizer
     # checks the names it takes (step.check_optimizer_args)
     OmegaConf.set_struct(node.schedule.optimizer_args, False)
+    # a mixture's sources are named by the user: `data.sources.chat.path=...` adds one, no `+` needed
+    OmegaConf.set_struct(node.data.sources, False)
     ConfigStore.instance().store(name="tuning_fork_schema", node=node, replace=True)
     ConfigStore.instance().store(name="tuning_fork_generate_schema", node=GenerateConfig, replace=True)
 
@@ -330,6 +363,10 @@ def check(cfg) -> None:
     if d.source in ("jsonl", "hf") and not d.path:
         raise ConfigError(f"data.path=None is invalid: data={d.source} needs data.path=" +
                           ("<folder with train.jsonl and valid.jsonl>" if d.source == "jsonl" else "<data set id>"))
+    if d.source == "mix":
+        from .mixture import check as check_mixture
+
+        check_mixture(d)
     if a.type == "full" and cfg.model.quantize_bits is not None:
         raise ConfigError(f"model.quantize_bits={cfg.model.quantize_bits!r} is invalid: adapter=full cannot train a "
                           "quantized model: use adapter=qlora, or model.quantize_bits=null")
@@ -364,7 +401,7 @@ def check_evaluation(cfg) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {want}")
 
     es, g = cfg.schedule.early_stopping, cfg.eval.generate
-    monitored = ["val_loss"] + [f"val_{m}" for m in objective_metrics(cfg)]
+    monitored = ["val_loss"] + source_losses(cfg) + [f"val_{m}" for m in objective_metrics(cfg)]
     if es.metric not in monitored:
         bad("schedule.early_stopping.metric", es.metric, f"choose one the run logs: {', '.join(monitored)}"
             + ("" if g.records else " (task metrics need eval.generate.records > 0)"))
@@ -378,9 +415,16 @@ def objective_metrics(cfg) -> list[str]:
     return names + (list(PREFERENCE_METRICS) if cfg.objective.name != "sft" else [])
 
 
+def source_losses(cfg) -> list[str]:
+    """A mixture's validation losses per source (data=mix): val_loss/NAME."""
+    return [f"val_loss/{name}" for name in cfg.data.sources] if cfg.data.source == "mix" else []
+
+
 def result_metrics(cfg, has_test: bool) -> list[str]:
     """The names train() returns, which optimized_metric may name."""
     names = ["best_val_loss", "val_loss", "first_val_loss", "train_loss", "best_iteration"]
+    for name in source_losses(cfg):
+        names += [name, f"best_{name}"]
     if cfg.schedule.final_validation == "full":
         names.append("val_loss_full")
     for m in objective_metrics(cfg):

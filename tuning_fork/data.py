@@ -42,7 +42,8 @@ class Split:
     origin: str  # file path or data set id, for messages
     records: list
     lines: list  # the line number of each record (1-based), for messages
-    format: str  # chat | completions | text
+    format: str  # chat | completions | text | preference (mixed: a mixture's sources differ)
+    parts: list | None = None  # a mixture's split: each source's (mixture.Part), concatenated in `records`
 
 
 def record_format(rec: dict, fields) -> str | None:
@@ -158,10 +159,14 @@ def read_jsonl(path: Path) -> tuple[list, list]:
     return records, lines
 
 
-def load_splits(data) -> dict[str, Split]:
-    """Read and check every split of `data` (the `data` config group). No tokenizer needed."""
+def load_splits(data, prompt=None, require_valid: bool = True) -> dict[str, Split]:
+    """Read and check every split of `data` (the `data` config group). No tokenizer needed. A mixture's
+    splits hold its sources' records one after another, with each source's settings in `parts` (`prompt`:
+    the prompt group, which a source may change)."""
+    if data.source == "mix":
+        return mixed_splits(data, prompt)
     if data.source == "hf":
-        return _load_hf(data)
+        return _load_hf(data, require_valid)
     folder = data_folder(data)
     if not folder.is_dir():
         raise DataError(f"data.path={data.path}: no such folder: point it at a folder holding "
@@ -170,18 +175,37 @@ def load_splits(data) -> dict[str, Split]:
     for name in SPLITS:
         path = folder / f"{name}.jsonl"
         if not path.exists():
-            if name == "test":
+            if name == "test" or (name == "valid" and not require_valid):
                 continue
             raise DataError(f"{path}: missing: data.path needs train.jsonl and valid.jsonl "
                             "(test.jsonl is optional)")
         splits[name] = check_records(name, str(path), *read_jsonl(path), data)
-    if splits["train"].format != splits["valid"].format:
+    if "valid" in splits and splits["train"].format != splits["valid"].format:
         raise DataError(f"{splits['valid'].origin}: {splits['valid'].format} records, but train.jsonl holds "
                         f"{splits['train'].format} records: use one format for every split")
     return splits
 
 
-def _load_hf(data) -> dict[str, Split]:
+def mixed_splits(data, prompt) -> dict[str, Split]:
+    from .mixture import load_parts
+
+    out = {}
+    for name, parts in load_parts(data, prompt).items():
+        formats = {p.split.format for p in parts}
+        out[name] = Split(name, f"data.sources ({', '.join(p.name for p in parts)})",
+                          [r for p in parts for r in p.split.records], [n for p in parts for n in p.split.lines],
+                          formats.pop() if len(formats) == 1 else "mixed", parts)
+    return out
+
+
+def split_parts(split: Split, data, prompt) -> list:
+    """A split as its sources: a mixture's parts, or the split itself with the data and prompt groups."""
+    from .mixture import Part
+
+    return split.parts or [Part("", split, data, prompt, None, None)]
+
+
+def _load_hf(data, require_valid: bool = True) -> dict[str, Split]:
     try:
         import datasets
     except ImportError:
@@ -198,7 +222,7 @@ def _load_hf(data) -> dict[str, Split]:
         records = [dict(r) for r in ds]
         splits[name] = check_records(name, f"{data.path}[{expr}]", records,
                                      list(range(1, len(records) + 1)), data)
-    if "valid" not in splits:
+    if "valid" not in splits and require_valid:
         raise DataError("data=hf needs a validation split: set data.valid_split, e.g. "
                         "'data.valid_split=\"train[-10%:]\"' (quoted: Hydra reads brackets as a list)")
     return splits
@@ -544,6 +568,11 @@ class Batcher:
         self.rank, self.size = rank, size
         self.length = length or (lambda rec: len(rec[0]))  # what a record's length is (pairs: the longer answer)
         self.collate = collate_rows or collate  # records to arrays
+        self.sample = None  # a mixture's epochs: epoch -> the indices of its records (mixture.Sampler)
+
+    def indices(self, n: int, epoch: int):
+        """The records (indices) epoch `epoch` trains: every record once, or the mixture's draw."""
+        return self.sample(epoch) if self.sample is not None else range(n)
 
     def epoch(self, lengths: list[int], epoch: int) -> list:
         if self.packing:
@@ -552,20 +581,23 @@ class Batcher:
 
     def rows_per_epoch(self, dataset) -> int:
         """Rows an epoch trains: records, or packed rows (each holding several records)."""
-        return sum(len(batch) for batch in self.epoch([self.length(rec) for rec in dataset], 0))
+        idx = self.indices(len(dataset), 0)
+        if not self.packing:
+            return len(idx)
+        return sum(len(batch) for batch in self.epoch([self.length(dataset[i]) for i in idx], 0))
 
     def train(self, dataset, start: int = 0) -> Iterator:
         lengths = [self.length(rec) for rec in dataset]
         done, epoch = 0, 0
         while True:
-            batches = self.epoch(lengths, epoch)
-            for batch in batches:
+            idx = self.indices(len(dataset), epoch)
+            for batch in self.epoch([lengths[i] for i in idx], epoch):
                 if done >= start:
                     mine = batch[self.rank::self.size]
                     if self.packing:
-                        yield collate_packed([[dataset[i] for i in row] for row in mine], self.max_seq_length)
+                        yield collate_packed([[dataset[idx[i]] for i in row] for row in mine], self.max_seq_length)
                     else:
-                        yield self.collate([dataset[i] for i in mine], self.max_seq_length)
+                        yield self.collate([dataset[idx[i]] for i in mine], self.max_seq_length)
                 done += 1
             epoch += 1
 
@@ -575,7 +607,8 @@ class Batcher:
         lengths = [self.length(rec) for rec in dataset]
         order = sorted(range(len(dataset)) if indices is None else indices, key=lambda i: (lengths[i], i))
         for batch in merge_short_tail(_windows(order, self.batch_size), self.size):
-            yield self.collate([dataset[i] for i in batch[self.rank::self.size]], self.max_seq_length)
+            if mine := batch[self.rank::self.size]:  # (a set smaller than the ranks leaves some with none)
+                yield self.collate([dataset[i] for i in mine], self.max_seq_length)
 
     def count(self, n: int) -> int:
         """How many evaluation batches `n` records make."""

@@ -40,6 +40,11 @@ def validation_sample(lengths: list[int], n: int, seed: int) -> list[int]:
 def evaluate(model, batches, loss_fn, progress=None, metrics: dict | None = None) -> float:
     """Mean loss per unit of weight (target token, pair) over `batches` (each rank's share of them), summed
     over ranks. The objective's other metrics, weighted alike, go into `metrics` when given."""
+    return means(*evaluate_sums(model, batches, loss_fn, progress), metrics)
+
+
+def evaluate_sums(model, batches, loss_fn, progress=None) -> tuple:
+    """(loss × weight, weight, {metric: value × weight}) over `batches`, summed over ranks (floats)."""
     import mlx.core as mx
 
     from .distributed import stream
@@ -59,9 +64,14 @@ def evaluate(model, batches, loss_fn, progress=None, metrics: dict | None = None
         total, count = (mx.distributed.all_sum(x, stream=stream()) for x in (total, count))
         sums = {k: mx.distributed.all_sum(v, stream=stream()) for k, v in sums.items()}
     model.train()
+    return total.item(), count.item(), {k: v.item() for k, v in sums.items()}
+
+
+def means(total: float, count: float, sums: dict, metrics: dict | None = None) -> float:
+    """The mean loss of evaluate_sums' figures (nan with no weight); the metrics' means into `metrics`."""
     if metrics is not None:
-        metrics.update({k: (v / mx.maximum(count, 1)).item() for k, v in sums.items()})
-    return (total / mx.maximum(count, 1)).item() if count.item() else float("nan")
+        metrics.update({k: v / max(count, 1) for k, v in sums.items()})
+    return total / max(count, 1) if count else float("nan")
 
 
 def direction(metric: str, mode: str = "auto") -> str:
@@ -142,14 +152,17 @@ class AnswerScorer:
     references (the completion, or the last assistant turn). Each rank answers its share of the records."""
 
     def __init__(self, cfg, split, tokenizer, rank: int, size: int):
-        from .data import generation_prompt
+        from .data import generation_prompt, split_parts
 
         g = cfg.eval.generate
         if split.format == "text":
             raise ConfigError(f"eval.generate.records={g.records}: {split.origin} holds text records, which have no "
                               "prompt to answer: use prompt/completion or chat records, or eval.generate.records=0")
-        picks = validation_sample([len(str(r)) for r in split.records], g.records, cfg.seed)
-        self.items = [generation_prompt(split.records[i], tokenizer, cfg.data, cfg.prompt) for i in picks]
+        answerable = [(rec, part) for part in split_parts(split, cfg.data, cfg.prompt) if part.split.format != "text"
+                      for rec in part.split.records]  # (a mixture's text sources have no prompt)
+        picks = validation_sample([len(str(rec)) for rec, _ in answerable], g.records, cfg.seed)
+        self.items = [generation_prompt(answerable[i][0], tokenizer, answerable[i][1].data, answerable[i][1].prompt)
+                      for i in picks]
         self.mine = self.items[rank::size]
         self.tokenizer, self.max_tokens, self.metrics = tokenizer, g.max_tokens, list(g.metrics)
         self.samples: list[dict] = []  # the last validation's answers (rank 0's share), for a look
@@ -203,20 +216,42 @@ class Validator:
         self.records_scored = len(records) if self.sample is None else len(self.sample)
         self.full_at_end = self.sample is not None and cfg.schedule.final_validation == "full"
         self.answers = AnswerScorer(cfg, split, tokenizer, rank, size) if cfg.eval.generate.records else None
+        # a mixture: each source's records scored apart (val_loss/NAME), then summed into val_loss
+        scored = range(len(records)) if self.sample is None else self.sample
+        self.sources = [(name, [i for i in scored if s <= i < e]) for name, s, e in objective.sources.get("valid", [])]
+        if self.sources:
+            self.batches = sum(objective.eval_count(len(idx)) for _, idx in self.sources if idx)
 
     def __call__(self, model, iteration: int, ui) -> dict:
         import time
 
         tic = time.perf_counter()
-        extra = {}
+        extra, info = {}, {"iteration": iteration, "val_loss": None}
         with ui.val_task(self.batches) as advance:
-            loss = evaluate(model, self.objective.eval_batches(self.records, self.sample),
-                            self.objective.eval_loss, advance, extra)
-        info = {"iteration": iteration, "val_loss": loss, **{f"val_{k}": v for k, v in extra.items()}}
+            if self.sources:
+                info["val_loss"] = self.by_source(model, advance, extra, info)
+            else:
+                info["val_loss"] = evaluate(model, self.objective.eval_batches(self.records, self.sample),
+                                            self.objective.eval_loss, advance, extra)
+        info.update({f"val_{k}": v for k, v in extra.items()})
         if self.answers is not None:
             info.update(self.answers(model))
         info["val_time"] = time.perf_counter() - tic
         return info
+
+    def by_source(self, model, advance, metrics: dict, info: dict) -> float:
+        """The loss over every source's records, with each source's own as val_loss/NAME in `info`."""
+        total = count = 0.0
+        sums: dict = {}
+        for name, idx in self.sources:
+            if not idx:  # (a sample too small to reach this source)
+                continue
+            t, c, s = evaluate_sums(model, self.objective.eval_batches(self.records, idx), self.objective.eval_loss,
+                                    advance)
+            info[f"val_loss/{name}"] = means(t, c, s)
+            total, count = total + t, count + c
+            sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
+        return means(total, count, sums, metrics)
 
     def whole_split(self, model) -> float:
         return evaluate(model, self.objective.eval_batches(self.records), self.objective.eval_loss)

@@ -109,10 +109,20 @@ _counts_cache: dict = {}
 def _counts(data) -> dict:
     from .data import count_records, data_folder, load_splits
 
+    if data.source == "mix":  # train: the mixture's epoch; valid: every source's validation records
+        from .mixture import counts_of, source_settings
+
+        per = {name: _counts(source_settings(data, None, name)[0]) for name in data.sources}
+        for name, c in per.items():
+            if "train" not in c:
+                raise ConfigError(f"data.sources.{name}.path={data.sources[name].path}: no train.jsonl there: fix "
+                                  "the path, or set schedule.iters explicitly")
+        return {"train": counts_of(data, {n: c.get("train", 0) for n, c in per.items()}),
+                "valid": sum(c.get("valid", 0) for c in per.values())}
     if data.source == "hf":  # a hub data set tells its size only when loaded
         key = ("hf", data.path, data.hf_config, data.train_split, data.valid_split)
         if key not in _counts_cache:
-            _counts_cache[key] = {n: len(sp.records) for n, sp in load_splits(data).items()}
+            _counts_cache[key] = {n: len(sp.records) for n, sp in load_splits(data, require_valid=False).items()}
         return _counts_cache[key]
 
     folder = data_folder(data)

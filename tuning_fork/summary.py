@@ -57,7 +57,7 @@ def summarize(cfg) -> dict:
     from rich.console import Console
 
     config_schema.check(cfg)
-    splits = data.load_splits(cfg.data)
+    splits = data.load_splits(cfg.data, cfg.prompt)
     base = models.resolve(cfg.model.path)
     tokenizer = models.load_tokenizer(base, cfg.model.trust_remote_code)
     console = Console()
@@ -65,7 +65,7 @@ def summarize(cfg) -> dict:
     out["plan"] = plan_of(cfg, out["splits"])
     console.print(plan_table(cfg, out["plan"]))
     out["mlx_lm_command"] = None  # mlx-lm's trainer has no preference objective: no equivalent to print
-    if cfg.objective.name == "sft":
+    if cfg.objective.name == "sft" and cfg.data.source != "mix":  # (mlx-lm reads one folder)
         out["mlx_lm_command"] = mlx_lm_command(cfg, base, out["plan"])
         console.print("the same run with mlx-lm (LoRA rank and scale go in a -c config file):")
         console.print(out["mlx_lm_command"], soft_wrap=True, highlight=False, markup=False)
@@ -83,50 +83,80 @@ def summarize(cfg) -> dict:
 
 def split_stats(cfg, splits, tokenizer, console) -> dict:
     """Per split: records, tokens, mean and longest record, records over max_seq_length, records that
-    train (data.too_long), padding of our batches and of mlx-lm's; packed rows for the train split."""
+    train (data.too_long), padding of our batches and of mlx-lm's; packed rows for the train split. A
+    mixture's splits also per source, and the train split's records per epoch from each."""
     from rich.table import Table
 
-    s, max_len = cfg.schedule, cfg.data.max_seq_length
+    max_len = cfg.data.max_seq_length
     stats = Table(title=f"data: {cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''}")
     for col in ("split", "format", "records", "tokens", "mean", "max", f"> {max_len}",
                 "pad (packed)" if cfg.data.packing else "pad (ours)", "pad (mlx-lm)"):
         stats.add_column(col, justify="left" if col in ("split", "format") else "right")
     out, notes = {}, []
     for name, split in splits.items():
-        if cfg.objective.name != "sft":  # pairs: a pair is as long as its longer answer, its tokens are both's
-            encoded = data.encode_pairs(split, tokenizer, cfg.data, cfg.prompt, notes)
-            lengths = [max(len(p[0]), len(p[2])) for p in encoded]
-            trained = data.limit_pairs(encoded, split, cfg.data)[0]
-            kept = [max(len(p[0]), len(p[2])) for p in trained]
-            tokens = sum(len(p[0]) + len(p[2]) for p in encoded)
-            target = sum(data.targets(p[0], p[1], max_len) + data.targets(p[2], p[3], max_len) for p in trained)
-        else:
-            encoded = data.encode_split(split, tokenizer, cfg.data, cfg.prompt, notes)
-            lengths = [len(ids) for ids, _ in encoded]
-            trained = data.limit_lengths(encoded, split, cfg.data)[0]  # what trains (too_long)
-            kept = [len(ids) for ids, _ in trained]
-            tokens = sum(lengths)
-            target = sum(data.targets(ids, spans, max_len) for ids, spans in trained)
+        parts = [(p, encode_part(cfg, p, tokenizer, notes)) for p in data.split_parts(split, cfg.data, cfg.prompt)]
+        whole = [sum((e[k] for _, e in parts), []) for k in range(3)]  # lengths, kept lengths, target tokens
         packing = cfg.data.packing and name == "train"  # validation and test are never packed
-        ours, theirs, rows = batcher_waste(kept, min(s.batch_size, len(kept)), max_len, cfg.seed, packing)
-        row = dict(records=len(lengths), tokens=tokens, target_tokens=target, mean=sum(lengths) / len(lengths),
-                   max=max(lengths), too_long=sum(n > max_len for n in lengths), padding=ours, padding_mlx_lm=theirs,
-                   kept=len(kept))
-        if rows is not None:
-            row["rows"] = rows
-        out[name] = row
-        stats.add_row(name, split.format, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}",
-                      f"{row['max']:,}", f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
+        out[name] = row = split_row(cfg, split.format, *whole, packing, stats, name)
+        if split.parts:
+            row["sources"] = {p.name: split_row(cfg, p.split.format, *e, False, stats, f"  {p.name}")
+                              for p, e in parts}
+            if name == "train":
+                from .mixture import epoch_counts
+
+                counts = epoch_counts([len(e[1]) for _, e in parts], [p.weight for p, _ in parts],
+                                      [p.epochs for p, _ in parts], cfg.data.records_per_epoch)
+                for (p, _), n in zip(parts, counts):
+                    row["sources"][p.name]["records_per_epoch"] = n
+                row["records_per_epoch"] = sum(counts)
+                src = row["sources"].values()
+                row["tokens_per_epoch"] = round(sum(r["tokens"] * r["records_per_epoch"] / r["records"] for r in src))
+                notes.append("mixture: " + " + ".join(f"{p.name} {n:,} of {len(e[1]):,}" for (p, e), n in
+                                                      zip(parts, counts)) + f" = {sum(counts):,} records per epoch")
     console.print(stats)
     for note in notes:
         console.print(f"tuning_fork: {note}", highlight=False, markup=False)
     return out
 
 
+def encode_part(cfg, part, tokenizer, notes) -> tuple[list, list, list]:
+    """(every record's length, the lengths of those that train (data.too_long), their target tokens); a
+    preference pair is as long as its longer answer, its targets are both answers'."""
+    max_len = cfg.data.max_seq_length
+    if cfg.objective.name != "sft":
+        encoded = data.encode_pairs(part.split, tokenizer, part.data, part.prompt, notes)
+        trained = data.limit_pairs(encoded, part.split, part.data)[0]
+        length = lambda p: max(len(p[0]), len(p[2]))  # noqa: E731
+        target = lambda p: data.targets(p[0], p[1], max_len) + data.targets(p[2], p[3], max_len)  # noqa: E731
+        tokens = [len(p[0]) + len(p[2]) for p in encoded]
+    else:
+        encoded = data.encode_split(part.split, tokenizer, part.data, part.prompt, notes)
+        trained = data.limit_lengths(encoded, part.split, part.data)[0]
+        length, target = (lambda r: len(r[0])), (lambda r: data.targets(r[0], r[1], max_len))
+        tokens = [len(r[0]) for r in encoded]
+    lengths = [length(r) for r in encoded]
+    return [(n, t) for n, t in zip(lengths, tokens)], [length(r) for r in trained], [target(r) for r in trained]
+
+
+def split_row(cfg, fmt: str, sized: list, kept: list, target: list, packing: bool, table, label: str) -> dict:
+    s, max_len = cfg.schedule, cfg.data.max_seq_length
+    lengths = [n for n, _ in sized]
+    ours, theirs, rows = batcher_waste(kept, min(s.batch_size, len(kept)), max_len, cfg.seed, packing)
+    row = dict(records=len(lengths), tokens=sum(t for _, t in sized), target_tokens=sum(target),
+               mean=sum(lengths) / len(lengths), max=max(lengths), too_long=sum(n > max_len for n in lengths),
+               padding=ours, padding_mlx_lm=theirs, kept=len(kept))
+    if rows is not None:
+        row["rows"] = rows
+    table.add_row(label, fmt, f"{row['records']:,}", f"{row['tokens']:,}", f"{row['mean']:.1f}", f"{row['max']:,}",
+                  f"{row['too_long']:,}", f"{ours:.1%}", f"{theirs:.1%}")
+    return row
+
+
 def plan_of(cfg, stats: dict) -> dict:
     """The plan a run with this config follows, from the split statistics."""
     s, train = cfg.schedule, stats["train"]
-    n_train, n_valid = train.get("rows", train["kept"]), stats["valid"]["kept"]
+    n_train = train.get("rows", train.get("records_per_epoch", train["kept"]))
+    n_valid = stats["valid"]["kept"]
     p = schedule.plan(n_train, n_valid, s)
     p.update(schedule.run_plan(cfg, n_train, n_valid))  # what the run will use (explicit values kept)
     whole = -(-n_valid // s.batch_size)
@@ -135,7 +165,9 @@ def plan_of(cfg, stats: dict) -> dict:
     p["valid_records"] = n_valid
     p["validated_share"] = p["validated_records"] / n_valid
     p["optimizer_updates"] = math.ceil(p["iters"] / s.grad_accumulation_steps)
-    p["tokens_per_epoch"] = train["tokens"]
+    p["tokens_per_epoch"] = train.get("tokens_per_epoch", train["tokens"])
+    if "records_per_epoch" in train:
+        p["records_per_epoch"] = train["records_per_epoch"]
     p["epochs"] = p["iters"] / p["steps_per_epoch"]
     if "rows" in train:
         p["packed_rows_per_epoch"] = train["rows"]
@@ -143,7 +175,7 @@ def plan_of(cfg, stats: dict) -> dict:
 
 
 PLAN_ROWS = [("batches per epoch (E)", "steps_per_epoch", "{:,}"), ("epochs", "epochs", "{:.2f}"),
-             ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
+             ("records per epoch (mixture)", "records_per_epoch", "{:,}"), ("iterations", "iters", "{:,}"), ("optimizer updates", "optimizer_updates", "{:,}"),
              ("validate every", "steps_per_eval", "{:,} it"), ("report every", "steps_per_report", "{:,} it"),
              ("save every", "save_every", "{:,} it"), ("validation batches", "val_batches", "{:,}"),
              ("warmup", "warmup", "{:,} updates"),

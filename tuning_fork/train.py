@@ -100,7 +100,7 @@ def setup(cfg, extra_hooks: list) -> Run:
 
 def prepare_data(cfg, group, run_dir: Path, checkpoints: Checkpoints) -> Run:
     """Records checked and tokenized (over-long ones handled) before any weights load; the plan."""
-    splits = data.load_splits(cfg.data)
+    splits = data.load_splits(cfg.data, cfg.prompt)
     config_schema.check_optimized_metric(cfg, "test" in splits)
     if len(splits["train"].records) < cfg.schedule.batch_size:
         raise DataError(f"{splits['train'].origin}: {len(splits['train'].records)} training records, fewer than "
@@ -386,6 +386,16 @@ def token_source(objective) -> str:
     return "tokenized, cached" if cached else "tokenized"
 
 
+def data_line(run: Run) -> str:
+    """Where the records come from; a mixture's draw per epoch from each source."""
+    d, sample = run.cfg.data, run.objective.batcher.sample
+    if sample is None:
+        return f"{d.source}{' ' + str(d.path) if d.path else ''} · {len(run.sets['train'])} records"
+    sizes = {name: e - s for name, s, e in run.objective.sources["train"]}
+    return "mix · " + " + ".join(f"{name} {n} of {sizes[name]}" for name, n in sample.per_source().items()) + \
+        f" = {sum(sample.counts)} records per epoch"
+
+
 def print_header(run: Run) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.cli_ui import make_console, print_header_panel
@@ -400,8 +410,7 @@ def print_header(run: Run) -> None:
     print_header_panel(make_console(), "tuning_fork", [
         ("model", run.base if cfg.model.path != models.TINY else f"tiny ({run.base})"),
         ("adapter", f"{kind} · {trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters train"),
-        ("data", f"{cfg.data.source}{' ' + str(cfg.data.path) if cfg.data.path else ''} · "
-                 f"{len(run.sets['train'])} records"),
+        ("data", data_line(run)),
         ("tokens", token_source(run.objective)),
         ("val", validated),
         ("schedule", f"{s.optimizer} · lr {s.learning_rate:g} · batch {s.batch_size}"

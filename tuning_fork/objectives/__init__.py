@@ -31,40 +31,58 @@ class Batched:
 
     def encode(self, splits: dict, tokenizer) -> dict:
         from .. import cache
+        from ..data import split_parts
+        from ..mixture import Sampler
 
         use = bool(self.cfg.data.get("cache", True))
         tokenizer_id = cache.tokenizer_digest(tokenizer) if use else None
-        out, self.cached = {}, {}
+        out, self.cached, self.sources = {}, {}, {}
         for name, split in splits.items():
-            k = cache.key(split, tokenizer_id, self.cache_settings()) if use else None
-            hit = cache.load(k) if use else None
-            if hit is not None:
-                out[name], notes = self.from_columns(hit[0]), hit[1]
-            else:
-                out[name], notes = self.encode_one(split, tokenizer)
-                if use and self.rank == 0:
-                    cache.store(k, self.to_columns(out[name]), notes)
-            self.cached[name] = hit is not None
-            for note in notes if self.rank == 0 else ():
-                print(f"tuning_fork: {note}")
+            records, hits, offsets = [], [], []
+            for part in split_parts(split, self.cfg.data, self.cfg.prompt):
+                k = cache.key(part.split, tokenizer_id, self.cache_settings(part.data, part.prompt)) if use else None
+                hit = cache.load(k) if use else None
+                if hit is not None:
+                    rows, notes = self.from_columns(hit[0]), hit[1]
+                else:
+                    rows, notes = self.encode_one(part.split, tokenizer, part.data, part.prompt)
+                    if use and self.rank == 0:
+                        cache.store(k, self.to_columns(rows), notes)
+                hits.append(hit is not None)
+                offsets.append((part.name, len(records), len(records) + len(rows)))
+                records = rows if not records and not split.parts else records + list(rows)
+                for note in notes if self.rank == 0 else ():
+                    print(f"tuning_fork: {part.name + ': ' if part.name else ''}{note}")
+            out[name], self.cached[name] = records, all(hits)
+            if split.parts:
+                self.sources[name] = offsets
+        if "train" in self.sources:  # a mixture: each epoch draws its records from the sources
+            parts, d = splits["train"].parts, self.cfg.data
+            self.batcher.sample = Sampler(self.sources["train"], [p.weight for p in parts], [p.epochs for p in parts],
+                                          d.records_per_epoch, self.cfg.seed)
         return out
 
-    def encode_one(self, split, tokenizer) -> tuple[list, list]:
+    def encode_one(self, split, tokenizer, data, prompt) -> tuple[list, list]:
         notes: list = []
-        records = self.tokenize(split, tokenizer, self.cfg.data, self.cfg.prompt, notes)
-        records, note = self.limit(records, split, self.cfg.data)
+        records = self.tokenize(split, tokenizer, data, prompt, notes)
+        records, note = self.limit(records, split, data)
         return records, notes + [note] if note else notes
 
-    def cache_settings(self) -> dict:
+    def cache_settings(self, data, prompt) -> dict:
         """What besides the split and the tokenizer decides the tokens: the objective, every data setting but
         where the data lives (its contents are keyed instead), the prompt format and system prompt."""
         from omegaconf import OmegaConf
 
-        data = OmegaConf.to_container(self.cfg.data, resolve=True, enum_to_str=True)
-        for where in ("path", "source", "cache", "hf_config", "train_split", "valid_split", "test_split"):
+        data = OmegaConf.to_container(data, resolve=True, enum_to_str=True)
+        for where in ("path", "source", "cache", "hf_config", "train_split", "valid_split", "test_split", "sources",
+                      "records_per_epoch"):
             data.pop(where, None)
         return {"objective": str(self.cfg.objective.name), "data": data,
-                "prompt": {"format": str(self.cfg.prompt.format), "system": self.cfg.prompt.get("system")}}
+                "prompt": {"format": str(prompt.format), "system": prompt.get("system")}}
+
+    def rows(self, records) -> int:
+        """Training rows per epoch (the plan counts them): records (a mixture's epoch), or packed rows."""
+        return self.batcher.rows_per_epoch(records)
 
     @staticmethod
     def to_columns(records) -> list:

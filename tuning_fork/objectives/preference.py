@@ -107,9 +107,6 @@ class Preference(Batched):
     def length(pair) -> int:
         return max(len(pair[0]), len(pair[2]))
 
-    def rows(self, records) -> int:
-        return len(records)  # an epoch is one pass over the pairs
-
     @staticmethod
     def to_columns(records) -> list:
         return [[(p[0], p[1]) for p in records], [(p[2], p[3]) for p in records]]
@@ -120,7 +117,6 @@ class Preference(Batched):
 
     def lengths(self, records) -> list[int]:
         return [self.length(p) for p in records]
-
 
     def pair_loss(self, model, tokens, mask, ref_chosen, ref_rejected, chunk: int | None = None):
         import mlx.core as mx

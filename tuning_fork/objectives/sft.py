@@ -23,9 +23,6 @@ class NextToken(Batched):
         self.loss = with_tokens(partial(loss, chunk=cfg.schedule.loss_chunk))
         self.eval_loss = with_tokens(loss)  # evaluation keeps no graph: nothing to gain from chunking
 
-    def rows(self, records) -> int:
-        return self.batcher.rows_per_epoch(records) if self.cfg.data.packing else len(records)
-
     @staticmethod
     def lengths(records) -> list[int]:
         return [len(ids) for ids, _ in records]
