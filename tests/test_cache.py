@@ -44,7 +44,7 @@ def test_a_rerun_reads_the_cache_and_gets_the_same_rows(tmp_path):
 
 
 def test_any_change_of_what_decides_the_tokens_is_a_new_entry(tmp_path):
-    folder = make_data(tmp_path / "d", n_train=22, n_valid=6)
+    folder = make_data(tmp_path / "d", n_train=22, n_valid=13)  # (sizes no other test uses: the cache keys contents)
     base = ("data=jsonl", f"data.path={folder}")
     encode(*base)
     changes = [("data.mask_prompt=true",), ("prompt=llama3",), ("prompt.system=Be brief.",),

@@ -92,7 +92,7 @@ def test_the_batcher_trains_the_mixtures_draw_and_resumes_at_any_step():
 
 def mix_data(tmp_path):
     """Two sources with different fields: chat records, and question/answer records mapped to prompt/completion."""
-    a = make_data(tmp_path / "a", n_train=24, n_valid=6)
+    a = make_data(tmp_path / "a", n_train=24, n_valid=11)
     b = tmp_path / "b"
     write_jsonl(b / "train.jsonl", [{"question": f"Spell {w}.", "answer": " ".join(w)} for w in
                                     ("cat", "dog", "bird", "fish", "frog", "lion", "bear", "wolf")])

@@ -138,25 +138,75 @@ def check_records(name: str, origin: str, records: list, lines: list, fields) ->
     return Split(name, origin, records, lines, fmt)
 
 
-def read_jsonl(path: Path) -> tuple[list, list]:
-    records, lines = [], []
-    try:
-        with open(path, "rb") as fh:
+class JsonlRecords:
+    """The records of a JSONL file, read from disk as they are asked for: a split of a million records holds
+    their byte offsets (8 bytes each), never their text. Iterating streams the file; a line that is not UTF-8
+    JSON is an error naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        offsets, lines, at = [], [], 0
+        try:
+            with open(path, "rb") as fh:
+                for n, raw in enumerate(fh, 1):
+                    if raw.strip():
+                        offsets.append(at)
+                        lines.append(n)
+                    at += len(raw)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+        self.offsets, self.lines = np.array(offsets, np.int64), np.array(lines, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int):
+        with open(self.path, "rb") as fh:
+            fh.seek(int(self.offsets[i]))
+            return self.parse(fh.readline(), int(self.lines[i]))
+
+    def __iter__(self):
+        with open(self.path, "rb") as fh:
             for n, raw in enumerate(fh, 1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DataError(f"{path}:{n}: not UTF-8 text: is this a JSONL file?") from None
-                if not text.strip():
-                    continue
-                try:
-                    records.append(json.loads(text))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                lines.append(n)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-    return records, lines
+                if raw.strip():
+                    yield self.parse(raw, n)
+
+    def parse(self, raw: bytes, n: int):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{self.path}:{n}: not UTF-8 text: is this a JSONL file?") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+class Chained:
+    """Several sequences read as one (a mixture's records, one source after another)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts]).tolist()
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, i: int):
+        import bisect
+
+        k = bisect.bisect_right(self.ends, i)
+        return self.parts[k][i - (self.ends[k - 1] if k else 0)]
+
+    def __iter__(self):
+        for p in self.parts:
+            yield from p
+
+
+def read_jsonl(path: Path) -> tuple[JsonlRecords, np.ndarray]:
+    """(the file's records, read lazily; the line number of each)."""
+    records = JsonlRecords(path)
+    return records, records.lines
 
 
 def load_splits(data, prompt=None, require_valid: bool = True) -> dict[str, Split]:
@@ -193,7 +243,7 @@ def mixed_splits(data, prompt) -> dict[str, Split]:
     for name, parts in load_parts(data, prompt).items():
         formats = {p.split.format for p in parts}
         out[name] = Split(name, f"data.sources ({', '.join(p.name for p in parts)})",
-                          [r for p in parts for r in p.split.records], [n for p in parts for n in p.split.lines],
+                          Chained([p.split.records for p in parts]), Chained([p.split.lines for p in parts]),
                           formats.pop() if len(formats) == 1 else "mixed", parts)
     return out
 
@@ -219,9 +269,7 @@ def _load_hf(data, require_valid: bool = True) -> dict[str, Split]:
         except Exception as e:  # the hub's errors are many; name the data set and split
             raise DataError(f"data.path={data.path} split {expr!r}: cannot load it ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        records = [dict(r) for r in ds]
-        splits[name] = check_records(name, f"{data.path}[{expr}]", records,
-                                     list(range(1, len(records) + 1)), data)
+        splits[name] = check_records(name, f"{data.path}[{expr}]", ds, range(1, len(ds) + 1), data)  # (Arrow, on disk)
     if "valid" not in splits and require_valid:
         raise DataError("data=hf needs a validation split: set data.valid_split, e.g. "
                         "'data.valid_split=\"train[-10%:]\"' (quoted: Hydra reads brackets as a list)")
@@ -271,13 +319,13 @@ def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = Non
             ids = tokenizer.encode(rec[fields.text_feature])
             if not ids or ids[-1] != tokenizer.eos_token_id:
                 ids.append(tokenizer.eos_token_id)
-            out.append((ids, ((0, len(ids)),)))
+            out.append((np.array(ids, np.int32), ((0, len(ids)),)))  # (4 bytes a token, not a Python int's 36)
         return out
     chats = Conversations(tokenizer, prompt.format, data)
     out = []
     for rec, line in progress(zip(split.records, split.lines), len(split.records), f"tokenizing {split.name}"):
         messages, tools = conversation(rec, split.format, fields, prompt)
-        out += chats.rows(messages, tools, f"{split.origin}:{line}")
+        out += [(np.array(ids, np.int32), spans) for ids, spans in chats.rows(messages, tools, f"{split.origin}:{line}")]
     return encoded(out, chats, split, notes, "record")
 
 
@@ -325,7 +373,8 @@ def encode_pairs(split: Split, tokenizer, data, prompt, notes: list | None = Non
         where = f"{split.origin}:{line}"
         c, r = chats.rows(chosen, tools, where), chats.rows(rejected, tools, where)
         if c and r:
-            out.append([*c[-1], *r[-1], 0.0, 0.0])
+            (ci, cs), (ri, rs) = c[-1], r[-1]
+            out.append([np.array(ci, np.int32), cs, np.array(ri, np.int32), rs, 0.0, 0.0])
     return encoded(out, chats, split, notes, "pair")
 
 
