@@ -213,6 +213,15 @@ class GenerateEvalConfig:
 @dataclass
 class EvalConfig:
     generate: GenerateEvalConfig = field(default_factory=GenerateEvalConfig)
+    # benchmark tasks through lm-evaluation-harness (tuning_fork.evaluate; in training: after the final validation)
+    tasks: List[str] = field(default_factory=list)  # harness task names (or the names of YAML tasks in include_path)
+    include_path: Optional[str] = None  # a folder of the harness's YAML task files
+    num_fewshot: Optional[int] = None  # null: each task's own
+    limit: Optional[float] = None  # records per task (or a fraction of them); null: all
+    batch_size: int = 8
+    max_tokens: Optional[int] = None  # generation tasks' answer length; null: the harness's
+    apply_chat_template: Optional[bool] = None  # null: when the tokenizer has one
+    baseline: bool = True  # tuning_fork.evaluate: score the base model too (before/after)
 
 
 @dataclass
@@ -302,6 +311,61 @@ class GenerateConfig:
     prompt_only: bool = False  # print the exact prompt and exit, loading no weights
 
 
+ExportFormat = choice("ExportFormat", "mlx", "hf", "gguf")
+
+
+@dataclass
+class QuantizeConfig:
+    bits: Optional[int] = None  # format=mlx: 4 or 8 (also 2, 3, 5, 6) quantizes the fused model; null: as the base
+    group_size: int = 64
+
+
+@dataclass
+class PushConfig:
+    repo: Optional[str] = None  # ORG/NAME: upload the export to the Hugging Face hub (one commit)
+    private: bool = True
+
+
+@dataclass
+class UseConfig:
+    """What the apps that use a finished run share (export, serve, evaluate): the run, which adapters."""
+
+    model: ModelConfig = MISSING
+    prompt: PromptConfig = MISSING
+    schedule: Any = None  # composed only so that model presets compose; unused
+    adapter: Any = None
+    run: Optional[str] = None  # a training run folder
+    adapter_path: Optional[str] = None
+    checkpoint: Carry = Carry.best
+    trust_remote_code: bool = False
+    eos_token: Optional[str] = None
+
+
+@dataclass
+class ServeConfig(UseConfig):
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only; 0.0.0.0 to serve a network
+    port: int = 8080
+    temperature: float = 0.0  # the server's defaults; a request may set its own
+    max_tokens: int = 512
+    log_level: str = "INFO"
+
+
+@dataclass
+class EvaluateConfig(UseConfig):
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig(UseConfig):
+    format: ExportFormat = ExportFormat.mlx
+    out: Optional[str] = None  # null: RUN/export/<format>
+    overwrite: bool = False  # replace an existing export folder (otherwise refused)
+    dtype: Optional[str] = None  # float16 | bfloat16 | float32 for the weights written; null: the model's
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+
+
 def register() -> None:
     node = OmegaConf.structured(Config)
     # any name goes in optimizer_args (`schedule.optimizer_args.weight_decay=0.01`, no `+`); the optimizer
@@ -311,6 +375,9 @@ def register() -> None:
     OmegaConf.set_struct(node.data.sources, False)
     ConfigStore.instance().store(name="tuning_fork_schema", node=node, replace=True)
     ConfigStore.instance().store(name="tuning_fork_generate_schema", node=GenerateConfig, replace=True)
+    ConfigStore.instance().store(name="tuning_fork_export_schema", node=ExportConfig, replace=True)
+    ConfigStore.instance().store(name="tuning_fork_evaluate_schema", node=EvaluateConfig, replace=True)
+    ConfigStore.instance().store(name="tuning_fork_serve_schema", node=ServeConfig, replace=True)
 
 
 # Range checks that types cannot express: (key, test on a set value, what to do). A value that is null, or
@@ -431,6 +498,8 @@ def result_metrics(cfg, has_test: bool) -> list[str]:
         names += [f"val_{m}", f"best_val_{m}"]
     if has_test:
         names += ["test_loss", "test_ppl"]
+    if cfg.eval.tasks:  # the harness's metrics are known once it has run: eval/<task>/<metric>
+        names += [f"eval/{t}/..." for t in cfg.eval.tasks]
     return names
 
 
@@ -438,6 +507,8 @@ def check_optimized_metric(cfg, has_test: bool, metric: str | None = None) -> No
     """optimized_metric (or `metric`) must be a name the run returns; refused before anything trains."""
     metric = metric or cfg.optimized_metric
     names = result_metrics(cfg, has_test)
+    if any(metric.startswith(f"eval/{t}/") for t in cfg.eval.tasks):
+        return
     if metric not in names:
         from .evaluation import SCORERS
 

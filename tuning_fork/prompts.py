@@ -83,6 +83,33 @@ def gemma(messages, add_generation_prompt):
 
 FORMATS = {"chatml": chatml, "llama3": llama3, "mistral": mistral, "alpaca": alpaca, "phi": phi, "gemma": gemma}
 
+# The same formats as Jinja chat templates, for what renders through a tokenizer (mlx_lm.server's
+# --chat-template, an exported model's chat_template.jinja). tests/test_serve.py checks that the tokenizer's
+# rendering equals render()'s for each.
+_SYSTEM = ("{% if messages and messages[0].role == 'system' %}{% set system = messages[0].content %}"
+           "{% set rest = messages[1:] %}{% else %}{% set system = none %}{% set rest = messages %}{% endif %}")
+JINJA = {
+    "chatml": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "llama3": "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+              "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    "mistral": _SYSTEM + "{% set ns = namespace(last=-1) %}{% for m in rest %}{% if m.role == 'user' %}"
+               "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}<s>{% for m in rest %}{% if m.role == 'user' %}"
+               "[INST] {% if system and loop.index0 == ns.last %}{{ system }}\n\n{% endif %}{{ m.content }}[/INST]"
+               "{% elif m.role == 'assistant' %} {{ m.content | trim }}</s>{% endif %}{% endfor %}",
+    "alpaca": _SYSTEM + "{{ system or '" + ALPACA_PREAMBLE + "' }}\n\n{% for m in rest %}{% if m.role == 'user' %}"
+              "### Instruction:\n{{ m.content }}\n\n### Response:\n{% elif m.role == 'assistant' %}"
+              "{{ m.content }}\n\n{% endif %}{% endfor %}",
+    "phi": "{% for m in messages %}{% if m.role != 'system' or m.content %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n"
+           "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% else %}<|endoftext|>{% endif %}",
+    "gemma": _SYSTEM + "<bos>{% for m in rest %}{% if loop.first and system %}<start_of_turn>"
+             "{{ 'model' if m.role == 'assistant' else m.role }}\n{{ system | trim }}\n\n{{ m.content | trim }}"
+             "<end_of_turn>\n{% else %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+             "{{ m.content | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+}
+
 
 def render(fmt: str, messages, add_generation_prompt: bool = True) -> str:
     return FORMATS[fmt](messages, add_generation_prompt)

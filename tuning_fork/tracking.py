@@ -78,7 +78,7 @@ class MetricsFile(Hook):
         """Continue a run from step `upto`: keep the reports up to it (rewritten atomically) and drop the
         rest, which the resumed run reports again; so the file stays one continuous record."""
         kept = [rec for rec in read_metrics(self.path.parent) if rec.get("iteration", 0) <= upto
-                and not set(rec) & FINAL_KEYS] if self.path.exists() else []
+                and not is_final(rec)] if self.path.exists() else []
         if self.write:
             tmp = self.path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -119,7 +119,13 @@ def final_records(result: dict) -> list[dict]:
         out.append({"iteration": at, "val_loss_full": result["val_loss_full"]})
     if "test_loss" in result:
         out.append({"iteration": at, "test_loss": result["test_loss"], "test_ppl": result["test_ppl"]})
+    if evals := {k: v for k, v in result.items() if k.startswith("eval/")}:  # benchmark tasks (harness.py)
+        out.append({"iteration": at, **evals})
     return out
+
+
+def is_final(record: dict) -> bool:
+    return bool(set(record) & FINAL_KEYS) or any(k.startswith("eval/") for k in record)
 
 
 def sampled(result: dict) -> bool:

@@ -54,6 +54,7 @@ class Run:
     direct: bool = False  # CUDA kernels launch directly (HostPace)
     stop_reason: str | None = None  # set by a hook (early stopping): the run ends, normally, at the next update
     best_folder: Path | None = None
+    tokenizer: object = None
 
     @property
     def rank(self) -> int:
@@ -114,7 +115,7 @@ def prepare_data(cfg, group, run_dir: Path, checkpoints: Checkpoints) -> Run:
     objective = objectives.build(cfg, group.rank(), group.size())
     sets = objective.encode(splits, tokenizer)
     plan = schedule.run_plan(cfg, objective.rows(sets["train"]), len(sets["valid"]))
-    run = Run(cfg, group, run_dir, checkpoints, objective, sets, plan, base)
+    run = Run(cfg, group, run_dir, checkpoints, objective, sets, plan, base, tokenizer=tokenizer)
     run.validator = Validator(cfg, objective, sets["valid"], splits["valid"], tokenizer, plan["val_batches"],
                               group.rank(), group.size())
     return run
@@ -308,6 +309,13 @@ def finish(run: Run) -> dict:
         test_loss = evaluate(run.model, run.objective.eval_batches(run.sets["test"], indices),
                              run.objective.eval_loss)
         result.update(test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
+    if cfg.eval.tasks:  # benchmark tasks through lm-evaluation-harness, on the final model (harness.py)
+        from .harness import run_tasks, scores, write_results
+
+        harness = run_tasks(run.model, run.tokenizer, cfg.eval, cfg.seed)
+        if run.rank == 0:
+            write_results(harness, run.run_dir / "eval" / "results.json")
+        result.update(scores(harness))
     result.update(valid_records=len(run.sets["valid"]), validated_records=run.validator.records_scored,
                   iters=run.plan["iters"], iteration=state.step, best_iteration=state.best.iteration,
                   stopped_early=state.stopped_early, peak_memory=mx.get_peak_memory() / 1e9,
