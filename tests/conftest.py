@@ -103,6 +103,17 @@ def compose_cfg(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+def compose_app(name, *overrides):
+    """Another app's config (generate, export, serve, evaluate) for these overrides."""
+    from hydra import compose, initialize_config_module
+
+    from tuning_fork import config
+
+    config.register()
+    with initialize_config_module("tuning_fork.conf"):
+        return compose(name, overrides=list(overrides))
+
+
 def one_line_error(proc, *needles):
     """A CLI failure as the README promises it: exit 2, one `tuning_fork: error:` line, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])

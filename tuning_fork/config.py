@@ -46,6 +46,7 @@ TrainOn = choice("TrainOn", "all_assistant", "last_assistant")
 Reasoning = choice("Reasoning", "keep", "drop")
 MaskMismatch = choice("MaskMismatch", "error", "skip")
 Decay = choice("Decay", "cosine", "linear", "constant")
+StageApp = choice("StageApp", "train", "export", "evaluate")
 
 
 @dataclass
@@ -247,6 +248,7 @@ class WandbConfig:
 class StageConfig:
     name: str = MISSING
     overrides: List[str] = field(default_factory=list)  # Hydra overrides applied on top of the run's config
+    app: StageApp = StageApp.train  # export | evaluate: that app on the stage before (run=), with these overrides
 
 
 @dataclass

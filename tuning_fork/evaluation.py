@@ -78,6 +78,8 @@ def direction(metric: str, mode: str = "auto") -> str:
     """'min' or 'max' for a logged metric: task metrics are maximized, losses and perplexities minimized."""
     if mode in ("min", "max"):
         return mode
+    if metric.removeprefix("base_").startswith("eval/"):  # the harness's metrics: accuracies, but perplexities
+        return "min" if any(w in metric for w in ("perplexity", "bits_per_byte", "ppl")) else "max"
     return "max" if metric.removeprefix("val_").removeprefix("best_val_") in MAXIMIZED else "min"
 
 

@@ -39,11 +39,15 @@ def export(cfg) -> Path:
     if not cfg.run and not cfg.adapter_path:
         raise ConfigError("run= is not set: point it at a finished training run's folder "
                           "(or set model.path and adapter_path)")
-    base, adapters, adapter_config, _ = choose_model(cfg)
+    base, adapters, adapter_config, fmt = choose_model(cfg)
     out = output_folder(cfg)
     check_request(cfg, base)
     tic = time.perf_counter()
     model, tokenizer, config = fused_model(cfg, base, adapters, adapter_config)
+    if fmt != "tokenizer":  # the export is prompted as the run was trained (Ollama, LM Studio, Transformers)
+        from .prompts import JINJA
+
+        tokenizer._tokenizer.chat_template = JINJA[str(fmt)]
     with staging(out, cfg.overwrite) as tmp:
         write(cfg, tmp, base, model, tokenizer, config)
         write_card(cfg, tmp, base, adapters)

@@ -73,7 +73,8 @@ def scores(results: dict) -> dict:
     for task, metrics in (results or {}).get("results", {}).items():
         for key, value in metrics.items():
             name, _, filt = key.partition(",")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name \
+                    and name not in ("sample_len", "alias"):
                 out[f"eval/{task}/{name}" + (f"_{filt}" if filt not in ("", "none") else "")] = float(value)
     return out
 

@@ -27,8 +27,15 @@ def stage_configs(cfg, run_dir: Path) -> list[tuple[str, object]]:
     if len(set(names)) != len(names):
         raise ConfigError(f"pipeline stages must have distinct names, got {names}")
     out, previous = [], cfg.init_from
+    evaluated = any(st.app == "evaluate" for st in cfg.pipeline.stages)
     for st in cfg.pipeline.stages:
+        if st.app != "train":
+            out.append((st.name, other_app(st, user, previous, run_dir)))
+            continue
         overrides = _merge(list(st.overrides), user)
+        if evaluated:  # the benchmark tasks run in the evaluate stage, once, not after every training stage
+            overrides += ["eval.tasks=[]"] + (["optimized_metric=best_val_loss"]
+                                              if str(cfg.optimized_metric).startswith("eval/") else [])
         overrides += [f"output_dir={run_dir / st.name}", f"summary={cfg.summary}", f"pipeline.carry={cfg.pipeline.carry}"]
         if previous:
             overrides.append(f"init_from={previous}")
@@ -44,6 +51,22 @@ def stage_configs(cfg, run_dir: Path) -> list[tuple[str, object]]:
     return out
 
 
+def other_app(st, user: list[str], previous: str | None, run_dir: Path):
+    """An export or evaluate stage's config: its app's, on the stage before (run=); the command line's eval.*
+    settings reach an evaluate stage."""
+    if not previous:
+        raise ConfigError(f"pipeline stage {st.name} ({st.app}) needs a training stage before it")
+    overrides = list(st.overrides) + [f"run={previous}"]
+    if st.app == "export":
+        overrides += [f"out={run_dir / st.name}", "overwrite=true"]
+    else:
+        overrides = _merge(overrides, [o for o in user if o.lstrip("+~").startswith(("eval.", "seed="))])
+    try:
+        return compose(config_name=str(st.app), overrides=overrides)
+    except Exception as e:
+        raise ConfigError(f"pipeline stage {st.name}: {str(e).splitlines()[0]}") from None
+
+
 def _merge(stage: list[str], user: list[str]) -> list[str]:
     """The stage's overrides, then the user's; a key given by both keeps the user's value."""
     key = lambda o: o.split("=", 1)[0].lstrip("+~")
@@ -53,6 +76,7 @@ def _merge(stage: list[str], user: list[str]) -> list[str]:
 
 def check_chain(stages) -> None:
     """Every consecutive pair of stages must carry adapters over; found before anything trains."""
+    stages = [(name, c) for name, c in stages if "schedule" in c and c.schedule is not None and "data" in c]
     for (a_name, a), (b_name, b) in zip(stages, stages[1:]):
         if a.adapter.type == "full":
             continue
@@ -82,6 +106,9 @@ def run_pipeline(cfg, run_dir: Path) -> dict:
             stages[0][1].init_from = cfg.init_from  # no earlier stage here: start from scratch (or init_from)
     results = {}
     for name, stage_cfg in stages:
+        if "data" not in stage_cfg:  # an export or evaluate stage
+            results[name] = use_stage(name, stage_cfg, cfg.summary)
+            continue
         folder = Path(stage_cfg.output_dir)
         if cfg.resume and not cfg.summary:  # continue the pipeline: skip finished stages, resume the stopped one
             if (folder / "results.json").exists():
@@ -99,3 +126,18 @@ def run_pipeline(cfg, run_dir: Path) -> dict:
         results[name] = train(stage_cfg)
     last = results[stages[-1][0]] if results else {}
     return {**last, "stages": results}
+
+
+def use_stage(name: str, stage_cfg, summary: bool) -> dict:
+    """Run an export or evaluate stage (nothing under summary=true)."""
+    app = "export" if "format" in stage_cfg else "evaluate"
+    print(f"== stage {name} ({app}) <- {stage_cfg.run}")
+    if summary:
+        return {}
+    if app == "export":
+        from .export import export
+
+        return {"export": str(export(stage_cfg))}
+    from .evaluate import evaluate_run
+
+    return evaluate_run(stage_cfg)
