@@ -36,8 +36,8 @@ DataSource = choice("DataSource", "demo", "jsonl", "hf", "mix")
 SourceKind = choice("SourceKind", "demo", "jsonl", "hf")
 TooLong = choice("TooLong", "truncate", "drop", "error")
 PromptFormat = choice("PromptFormat", "tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
-Objective = choice("Objective", "sft", "dpo", "orpo", "simpo")
-LossType = choice("LossType", "sigmoid", "ipo", "hinge")
+Objective = choice("Objective", "sft", "dpo", "orpo", "simpo", "grpo")
+LossType = choice("LossType", "sigmoid", "ipo", "hinge", "grpo", "dr_grpo", "dapo")
 Direction = choice("Direction", "auto", "min", "max")
 FinalValidation = choice("FinalValidation", "full", "sample")
 Carry = choice("Carry", "best", "last")
@@ -232,6 +232,16 @@ class ObjectiveConfig:
     loss_type: LossType = LossType.sigmoid  # dpo: sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # dpo (sigmoid), simpo: the probability ε that a pair's labels are flipped
     gamma_beta_ratio: float = 0.5  # simpo: γ/β, the target reward margin over β
+    # grpo (objectives/grpo.py): rewards, and how completions are sampled and reused
+    rewards: List[Any] = field(default_factory=list)  # [{_target_: module.function, weight: 1.0, ...}, ...]
+    group_size: int = 4  # completions sampled per prompt
+    max_tokens: int = 64  # the longest completion
+    temperature: float = 1.0
+    top_p: float = 1.0
+    epsilon: float = 0.2  # the policy ratio's clip range: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # null: epsilon (DAPO uses 0.28)
+    iterations_per_batch: int = 1  # μ: optimizer iterations on each batch of completions
+    log_samples: int = 8  # completions written to RUN/samples/ at each validation
 
 
 @dataclass
@@ -481,6 +491,11 @@ def objective_metrics(cfg) -> list[str]:
     from .evaluation import PREFERENCE_METRICS
 
     names = [str(m) for m in cfg.eval.generate.metrics] if cfg.eval.generate.records else []
+    if cfg.objective.name == "grpo":
+        from .evaluation import GRPO_METRICS
+
+        return names + list(GRPO_METRICS) + [f"reward/{r.get('name') or str(r.get('_target_', '')).rsplit('.', 1)[-1]}"
+                                             for r in cfg.objective.rewards]
     return names + (list(PREFERENCE_METRICS) if cfg.objective.name != "sft" else [])
 
 

@@ -51,6 +51,8 @@ def record_format(rec: dict, fields) -> str | None:
         return "preference"
     if fields.prompt_feature in rec and fields.completion_feature in rec:
         return "completions"
+    if fields.prompt_feature in rec and fields.chat_feature not in rec:
+        return "prompts"  # a prompt alone, with fields for rewards (objective=grpo)
     if fields.chat_feature in rec:
         return "chat"
     if fields.text_feature in rec:
@@ -62,7 +64,10 @@ def _check_record(rec, fmt: str, fields) -> str | None:
     """What is wrong with one record of a known format, or None."""
     if fmt == "preference":
         return _check_preference(rec, fields)
-    if fmt == "completions":
+    if fmt == "prompts":
+        if not isinstance(rec[fields.prompt_feature], str):
+            return f'"{fields.prompt_feature}" must be a string'
+    elif fmt == "completions":
         for k in (fields.prompt_feature, fields.completion_feature):
             if not isinstance(rec[k], str):
                 return f'"{k}" must be a string'
@@ -310,6 +315,10 @@ def encode_split(split: Split, tokenizer, data, prompt, notes: list | None = Non
     if split.format == "preference":
         raise DataError(f"{split.origin}: preference records (chosen/rejected) train with objective=dpo, orpo or "
                         "simpo; objective=sft needs text, prompt/completion or chat records")
+    if split.format == "prompts":
+        raise DataError(f"{split.origin}: prompt-only records (no \"{fields.completion_feature}\") train with "
+                        "objective=grpo, which samples the completions; objective=sft needs prompt/completion, "
+                        "chat or text records")
     if split.format == "text":
         if data.mask_prompt:
             raise DataError(f"{split.origin}: data.mask_prompt=true needs prompt/completion or chat "

@@ -22,7 +22,9 @@ from .errors import ConfigError
 from .tracking import Hook
 
 MAXIMIZED = ("exact_match", "token_f1", "rouge_l",  # task metrics, and preference metrics: higher is better
-             "reward_accuracy", "reward_margin", "chosen_reward", "chosen_logp")
+             "reward_accuracy", "reward_margin", "chosen_reward", "chosen_logp", "reward_mean")
+GRPO_METRICS = ("reward_mean", "reward_std", "kl", "clip_ratio", "completion_length", "generation_seconds",
+                "completions_per_second")
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp",
                       "rejected_logp")
 
@@ -80,7 +82,8 @@ def direction(metric: str, mode: str = "auto") -> str:
         return mode
     if metric.removeprefix("base_").startswith("eval/"):  # the harness's metrics: accuracies, but perplexities
         return "min" if any(w in metric for w in ("perplexity", "bits_per_byte", "ppl")) else "max"
-    return "max" if metric.removeprefix("val_").removeprefix("best_val_") in MAXIMIZED else "min"
+    name = metric.removeprefix("best_").removeprefix("val_").removeprefix("train_")
+    return "max" if name in MAXIMIZED or name.startswith("reward/") else "min"
 
 
 @dataclass

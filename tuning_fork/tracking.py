@@ -118,7 +118,8 @@ def final_records(result: dict) -> list[dict]:
     if "val_loss_full" in result and sampled(result):
         out.append({"iteration": at, "val_loss_full": result["val_loss_full"]})
     if "test_loss" in result:
-        out.append({"iteration": at, "test_loss": result["test_loss"], "test_ppl": result["test_ppl"]})
+        out.append({"iteration": at, "test_loss": result["test_loss"],
+                    **({"test_ppl": result["test_ppl"]} if "test_ppl" in result else {})})
     if evals := {k: v for k, v in result.items() if k.startswith("eval/")}:  # benchmark tasks (harness.py)
         out.append({"iteration": at, **evals})
     return out
@@ -186,7 +187,7 @@ class Terminal(Hook):
             report_line(at, "val", result["val_loss_full"], f"all {result['valid_records']} validation records "
                         f"(the validations above scored {result['validated_records']})")
         if "test_loss" in result:
-            report_line(at, "test", result["test_loss"], f"ppl {result['test_ppl']:.2f}")
+            report_line(at, "test", result["test_loss"], f"ppl {result['test_ppl']:.2f}" if "test_ppl" in result else "")
 
 
 def report_line(it, what: str, loss: float | None, extra: str = "") -> None:

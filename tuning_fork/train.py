@@ -144,7 +144,8 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
     run.optimizer = build_optimizer(s, math.ceil(run.plan["iters"] / s.grad_accumulation_steps), run.plan["warmup"])
     resolved = resolved_config(cfg, run.plan)
     es = s.early_stopping
-    run.state = TrainState(config=resolved, best=Best(es.metric, direction(es.metric, es.mode)))
+    metric = getattr(run.objective, "monitor", es.metric) if es.metric == "val_loss" else es.metric  # grpo: reward
+    run.state = TrainState(config=resolved, best=Best(metric, direction(metric, es.mode)))
     if resume_from is not None:
         run.state = run.checkpoints.restore(resume_from, run.model, run.optimizer)
         check_same_config(run.state.config, resolved, resume_from)
@@ -165,6 +166,7 @@ def build_hooks(run: Run, resume_from: Path | None) -> list:
     if resume_from is not None:
         run.metrics.resume(run.state.step)
     hooks = [run.metrics, tracking.Terminal(), BestAdapter()]
+    hooks += run.objective.hooks(run) if hasattr(run.objective, "hooks") else []  # e.g. grpo's sample completions
     if run.rank == 0 and cfg.wandb.project:
         wandb_run = tracking.start_wandb(cfg, run.run_dir, run.state.config, run.state.wandb_id)
         run.state.wandb_id = wandb_run.id
@@ -308,7 +310,9 @@ def finish(run: Run) -> dict:
                                                         cfg.seed)
         test_loss = evaluate(run.model, run.objective.eval_batches(run.sets["test"], indices),
                              run.objective.eval_loss)
-        result.update(test_loss=test_loss, test_ppl=math.exp(min(test_loss, 700)))
+        result.update(test_loss=test_loss)
+        if cfg.objective.name == "sft":  # (a perplexity is a next-token loss's)
+            result.update(test_ppl=math.exp(min(test_loss, 700)))
     if cfg.eval.tasks:  # benchmark tasks through lm-evaluation-harness, on the final model (harness.py)
         from .harness import run_tasks, scores, write_results
 

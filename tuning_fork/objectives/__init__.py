@@ -103,10 +103,11 @@ class Batched:
 
 
 def build(cfg, rank: int = 0, size: int = 1):
+    from .grpo import GRPO
     from .preference import Preference
     from .sft import NextToken
 
-    objectives = {"sft": NextToken, "dpo": Preference, "orpo": Preference, "simpo": Preference}
+    objectives = {"sft": NextToken, "dpo": Preference, "orpo": Preference, "simpo": Preference, "grpo": GRPO}
     name = str(cfg.objective.name)
     if name not in objectives:
         raise ConfigError(f"objective={name}: unknown: choose one of {', '.join(objectives)}")

@@ -96,6 +96,8 @@ class Preference(Batched):
         if cfg.data.packing:
             raise ConfigError(f"data.packing=true with objective={cfg.objective.name}: pairs are not packed; "
                               "use data.packing=false")
+        if cfg.objective.name == "dpo" and str(cfg.objective.loss_type) not in ("sigmoid", "ipo", "hinge"):
+            raise ConfigError(f"objective.loss_type={cfg.objective.loss_type}: objective=dpo takes sigmoid, ipo or hinge")
         self.cfg, self.o, self.rank = cfg, cfg.objective, rank
         self.batcher = data.Batcher(cfg.schedule.batch_size, cfg.data.max_seq_length, cfg.seed, False, rank, size,
                                     length=self.length, collate_rows=data.collate_pairs)
