@@ -126,6 +126,22 @@ def test_dpo_under_two_ring_processes(tmp_path):
     assert (tmp_path / "two" / "reference" / "logps.npz").exists()
 
 
+def test_grpo_under_two_ring_processes(tmp_path):
+    """Each rank samples the groups of its share of the prompts; the ranks report one run."""
+    from .conftest import write_jsonl
+
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"prompt": f"Say {i}.", "answer": str(i)} for i in range(8)])
+    write_jsonl(tmp_path / "d" / "valid.jsonl", [{"prompt": f"Say {i}.", "answer": str(i)} for i in range(4)])
+    two = launch(2, "objective=grpo", "data=jsonl", f"data.path={tmp_path / 'd'}", "debug=fast",
+                 "objective.group_size=2", "objective.max_tokens=8",
+                 "+objective.rewards=[{_target_: tuning_fork.rewards.length, target: 10}]",
+                 f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
+    assert two.returncode == 0 and (tmp_path / "two" / "results.json").exists(), two.stderr[-3000:]
+    got = read_metrics(tmp_path / "two")
+    assert [m["iteration"] for m in got if "train_loss" in m] == [3, 6]
+    assert all(0 <= m["val_reward_mean"] <= 1 for m in got if "val_reward_mean" in m)
+
+
 REDUCE = """
 import mlx.core as mx
 from mlx.nn.utils import average_gradients

@@ -264,3 +264,16 @@ def test_grpo_mistakes_are_one_line_errors(tmp_path):
     one_line_error(run_cli(*args, "objective.loss_type=sigmoid", env=env), "objective.loss_type=sigmoid")
     one_line_error(run_cli(*args, "data.max_seq_length=8", env=env), "leave no room for objective.max_tokens=12")
     one_line_error(run_cli("objective=grpo", env=env), "needs objective.rewards")
+
+
+@pytest.mark.slow
+def test_the_demo_experiment_and_the_sft_grpo_pipeline_run(tmp_path):
+    proc = run_cli("experiment=demo_grpo", "debug=fast", f"hydra.run.dir={tmp_path / 'demo'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_reward/says_hz" in read_metrics(tmp_path / "demo")[0]
+    proc = run_cli("pipeline=sft_grpo", "debug=fast", f"hydra.run.dir={tmp_path / 'p'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grpo = json.loads((tmp_path / "p" / "grpo" / "results.json").read_text())
+    assert "best_val_reward_mean" in grpo and (tmp_path / "p" / "grpo" / "samples").is_dir()
+    config = (tmp_path / "p" / "grpo" / ".hydra" / "config.yaml").read_text()
+    assert f"init_from: {tmp_path / 'p' / 'sft'}" in config  # the sft stage's adapters: the start and the reference

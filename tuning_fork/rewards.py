@@ -59,6 +59,14 @@ def numeric(prompts, completions, field: str = "answer", tolerance: float = 1e-6
     return out
 
 
+def f1(prompts, completions, field: str = "answer", **fields):
+    """Token F1 between the completion and the record's `field`, as SQuAD scores answers (evaluation.token_f1):
+    partial credit for the right words."""
+    from .evaluation import token_f1
+
+    return [token_f1(text(c), str(a)) for c, a in zip(completions, column(fields, field, "f1"))]
+
+
 def format(prompts, completions, pattern: str, **fields):  # noqa: A001  (the name users write in configs)
     """1.0 where `pattern` (a Python regular expression, dot matching newlines) matches the completion."""
     compiled = re.compile(pattern, re.DOTALL)

@@ -30,7 +30,6 @@ stopped within its μ iterations resumes with it.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
