@@ -277,3 +277,36 @@ def test_the_demo_experiment_and_the_sft_grpo_pipeline_run(tmp_path):
     assert "best_val_reward_mean" in grpo and (tmp_path / "p" / "grpo" / "samples").is_dir()
     config = (tmp_path / "p" / "grpo" / ".hydra" / "config.yaml").read_text()
     assert f"init_from: {tmp_path / 'p' / 'sft'}" in config  # the sft stage's adapters: the start and the reference
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_chunked_token_log_probabilities_and_their_gradients_equal_the_whole_logits(chunk):
+    """step.token_logps with a chunk (its own VJP) against the plain path, on the built-in model with LoRA."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from tuning_fork import models
+    from tuning_fork.step import output_head, token_logps
+
+    cfg = compose_cfg()
+    model, _ = models.load(cfg.model)
+    mx.random.seed(0)
+    models.attach(model, cfg.adapter, cfg.model)
+    mx.eval(model.parameters())
+    assert output_head(model) is not None  # the chunked path is the one under test
+    # LoRA's B starts at zero: move every trainable weight, so that each has a gradient of its own
+    model.update(tree_map(lambda w: w + 0.01 * mx.random.normal(w.shape).astype(w.dtype), model.trainable_parameters()))
+    tokens = mx.array(np.random.default_rng(1).integers(0, 200, (3, 21)).astype(np.int32))
+    weights = mx.array(np.random.default_rng(2).normal(size=(3, 20)).astype(np.float32))
+
+    def total(m, c):
+        return (token_logps(m, tokens, c) * weights).sum()
+
+    plain = nn.value_and_grad(model, lambda m: total(m, None))(model)
+    chunked = nn.value_and_grad(model, lambda m: total(m, chunk))(model)
+    assert np.allclose(np.array(token_logps(model, tokens, chunk)), np.array(token_logps(model, tokens, None)),
+                       atol=1e-4)
+    assert chunked[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
+    for (name, a), (_, b) in zip(tree_flatten(plain[1]), tree_flatten(chunked[1])):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-4), name

@@ -151,6 +151,57 @@ def lse_cross_entropy(chunk: int):
     return f
 
 
+def token_logps(model, tokens, chunk: int | None = None):
+    """log π(tokens[:, t + 1] | tokens[:, :t + 1]) at every position: (rows, width - 1), float32. With `chunk` and a
+    plain head (output_head), `chunk` positions at a time with a VJP of its own (chunked_logps), so the
+    (positions x vocabulary) logits never exist at once; otherwise from the whole logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    head = output_head(model) if chunk else None
+    if head is None or type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+        return -nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+    hidden = model.model(inputs)
+    rows, cols = targets.shape
+    return chunked_logps(chunk)(hidden.reshape(rows * cols, -1), head.weight, targets.reshape(-1))[0].reshape(rows, cols)
+
+
+def chunked_logps(chunk: int):
+    """f(h, w, t) -> (log softmax(h w^T)[t] per position,), computed `chunk` positions at a time; its VJP recomputes
+    each chunk's logits: d logits = g (onehot(t) - softmax). The per-token sibling of lse_cross_entropy."""
+    import mlx.core as mx
+
+    def after(x, previous):
+        return x if previous is None else mx.depends(x, previous)
+
+    def spans(n):
+        return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+
+    @mx.custom_function
+    def f(h, w, t):
+        out = []
+        for a, b in spans(h.shape[0]):
+            logits = (after(h[a:b], out[-1] if out else None) @ w.T).astype(mx.float32)
+            out.append(mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1))
+        return (mx.concatenate(out),)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, w, t = primals
+        g = cotangents[0]
+        dh, dw = [], mx.zeros(w.shape, mx.float32)
+        for a, b in spans(h.shape[0]):
+            logits = (after(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
+            d = (mx.arange(w.shape[0])[None] == t[a:b, None]) - mx.softmax(logits, axis=-1)
+            d = (d * g[a:b, None]).astype(h.dtype)
+            dh.append(d @ w)
+            dw = dw + (d.T @ h[a:b]).astype(mx.float32)
+        return mx.concatenate(dh), dw.astype(w.dtype), mx.zeros_like(t)
+
+    return f
+
+
 BUCKET_MB = 0  # > 0: gradients averaged across ranks in buckets of about this size (see reduce_gradients)
 
 

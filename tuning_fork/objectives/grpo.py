@@ -87,6 +87,9 @@ class GRPO:
         self.cfg, self.o, self.rank, self.size = cfg, o, rank, size
         self.rewards = rewards.build(o.rewards)
         self.mu = int(o.iterations_per_batch)
+        # log-probabilities CHUNK positions at a time (step.token_logps): G completions a prompt make the
+        # (positions x vocabulary) logits the largest thing a step holds (12.6 GB in float32 at 1B, 64 x 384)
+        self.chunk = cfg.schedule.loss_chunk or 1024
         self.batcher = data.Batcher(cfg.schedule.batch_size, cfg.data.max_seq_length, cfg.seed, False, rank, size,
                                     length=lambda p: len(p.ids), collate_rows=lambda rows, _: (rows,))
         self.model = self.reference = self.tokenizer = self.run_dir = None
@@ -225,10 +228,10 @@ class GRPO:
     def token_logps(self, tokens):
         """log π(token) at every position, under the model as it is, with no gradient."""
         import mlx.core as mx
-        import mlx.nn as nn
 
-        logits = self.model(tokens[:, :-1]).astype(mx.float32)
-        logps = mx.stop_gradient(-nn.losses.cross_entropy(logits, tokens[:, 1:]))
+        from ..step import token_logps
+
+        logps = mx.stop_gradient(token_logps(self.model, tokens, self.chunk))
         mx.eval(logps)
         return logps
 
@@ -250,11 +253,11 @@ class GRPO:
     def policy_loss(self, model, tokens, mask, advantages, old, ref, total, per_reward, lengths, seconds):
         """(the loss of loss_type, the completions it is over, its metrics); see the module's docstring."""
         import mlx.core as mx
-        import mlx.nn as nn
+
+        from ..step import token_logps
 
         o = self.o
-        logits = model(tokens[:, :-1]).astype(mx.float32)
-        logp = -nn.losses.cross_entropy(logits, tokens[:, 1:])
+        logp = token_logps(model, tokens, self.chunk)
         m = mask.astype(mx.float32)
         before = old if self.mu > 1 else mx.stop_gradient(logp)
         ratio = mx.exp(logp - before)
