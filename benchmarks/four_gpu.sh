@@ -21,4 +21,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run 1 tuning_fork
 run 2 tuning_fork
 run 4 tuning_fork
-run 4 streamed8
+[ "${2:-}" = quick ] || run 4 streamed8
