@@ -310,3 +310,30 @@ def test_chunked_token_log_probabilities_and_their_gradients_equal_the_whole_log
     assert chunked[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
     for (name, a), (_, b) in zip(tree_flatten(plain[1]), tree_flatten(chunked[1])):
         assert np.allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-4), name
+
+
+def test_resuming_within_a_reused_batch_reads_it_back_then_draws_the_next_prompts(tmp_path):
+    """train_batches(start) yields what the uninterrupted iterator yields from that step on, with μ = 2: at an
+    odd step the batch in use comes back from RUN/grpo/, and the prompts that follow are the next batch's."""
+    from tuning_fork import data, models
+    from tuning_fork.objectives.grpo import GRPO
+
+    args, _ = grpo_setup(tmp_path)
+    cfg = compose_cfg(*[a for a in args if "demo_rewards" not in a], "objective.iterations_per_batch=2",
+                      "+objective.rewards=[{_target_: tuning_fork.rewards.length, target: 5}]")
+    objective = GRPO(cfg)
+    sets = objective.encode(data.load_splits(cfg.data), models.load_tokenizer(models.resolve("tiny")))
+    model, _ = models.load(cfg.model)
+    models.attach(model, cfg.adapter, cfg.model)
+    objective.prepare(model, sets, tmp_path, False)
+    whole = objective.train_batches(sets["train"], 0)
+    first = [next(whole) for _ in range(4)]  # groups 0, 0, 1, 1: group 1 is now in RUN/grpo/
+    resumed = objective.train_batches(sets["train"], 3)  # stopped after 3 steps: group 1 once more, then 2
+    again = [next(resumed) for _ in range(3)]
+    later = [next(whole) for _ in range(2)]  # group 2, twice
+    for a, b in zip([first[3], *later], again):
+        assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a[:5], b[:5]))
+    assert not np.array_equal(np.array(first[3][0]), np.array(later[0][0]))  # the next group's prompts differ
+    (tmp_path / "grpo" / "batch-rank0.npz").unlink()
+    with pytest.raises(TuningForkError, match="does not hold batch 1"):
+        next(objective.train_batches(sets["train"], 3))

@@ -52,3 +52,19 @@ def test_preference_pairs_from_a_local_hf_data_set(tmp_path):
                    env=OFFLINE)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val_reward_accuracy" in json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_mixture_of_a_hub_set_and_a_folder_counts_and_trains_both(tmp_path):
+    hub = make_data(tmp_path / "hub", n_train=16, n_valid=4)  # a local copy stands in for the hub
+    folder = make_data(tmp_path / "jsonl", n_train=8, n_valid=4, fmt="completions")
+    args = ["data=mix", "data.sources.hub.source=hf", f"data.sources.hub.path={hub}", "data.sources.hub.valid_split=validation",
+            f"data.sources.local.path={folder}", "data.sources.local.epochs=2", "schedule.batch_size=4",
+            "schedule.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli(*args, "--cfg", "job", "--resolve", env=OFFLINE)
+    assert proc.returncode == 0 and "iters: 8\n" in proc.stdout, proc.stderr[-2000:]  # (16 + 2 x 8) / 4
+    proc = run_cli(*args, env=OFFLINE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hub 16 of 16 + local 16 of 8 = 32 records per epoch" in proc.stdout
+    last = [m for m in read_metrics(tmp_path / "run") if "val_loss/hub" in m][-1]
+    assert "val_loss/local" in last

@@ -51,7 +51,7 @@ def record_format(rec: dict, fields) -> str | None:
         return "preference"
     if fields.prompt_feature in rec and fields.completion_feature in rec:
         return "completions"
-    if fields.prompt_feature in rec and fields.chat_feature not in rec:
+    if fields.prompt_feature in rec and not {fields.chat_feature, fields.chosen_feature, fields.rejected_feature} & set(rec):
         return "prompts"  # a prompt alone, with fields for rewards (objective=grpo)
     if fields.chat_feature in rec:
         return "chat"

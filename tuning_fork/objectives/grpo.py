@@ -156,7 +156,7 @@ class GRPO:
     def train_batches(self, records, start: int = 0):
         """Each batch of prompts rolled out, then trained μ times; from iteration `start` on."""
         group, within = divmod(start, self.mu)
-        prompts = self.batcher.train(records, group)
+        prompts = self.batcher.train(records, group + (1 if within else 0))  # (a batch being reused was drawn)
         if within:
             batch = self.load_group(group)
             for _ in range(within, self.mu):
