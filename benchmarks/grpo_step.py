@@ -6,8 +6,8 @@ tokens (temperature 1, top_p 1), scores them with a length reward, computes the 
 (beta 0.04) and trains once (loss_type grpo, AdamW). benchmarks/grpo_trl.py runs the same work with TRL's
 GRPOTrainer (PyTorch + PEFT). Random weights rarely sample the end token: completions run to their full length.
 
-    python benchmarks/grpo_step.py {1b|smoke} PROMPTS GROUP PROMPT COMPLETION
-prints one `RESULT {json}` line: completions/s over whole steps (sampling, rewards, reference, training),
+    python benchmarks/grpo_step.py {1b|smoke} PROMPTS GROUP PROMPT COMPLETION [checkpoint]
+`checkpoint`: with schedule.grad_checkpoint=true (each block's activations recomputed in the backward pass). Prints one `RESULT {json}` line: completions/s over whole steps (sampling, rewards, reference, training),
 the seconds spent sampling, peak memory.
 """
 
@@ -47,6 +47,7 @@ def main():
     from tuning_fork.step import direct_cuda_launches, make_step
 
     shape, B, G, P, C = sys.argv[1], *map(int, sys.argv[2:6])
+    checkpoint = sys.argv[6:7] == ["checkpoint"]
     direct = direct_cuda_launches()
     s = SHAPES[shape]
     config.register()
@@ -63,7 +64,7 @@ def main():
     prompts = [Prompt(rng.integers(4, min(30000, s["vocab_size"]), P).astype(np.int32), "p")
                for _ in range(B * (WARMUP + STEPS))]
     optimizer = optim.AdamW(learning_rate=1e-5)
-    step, state = make_step(model, optimizer, 1, loss_fn=objective.loss)
+    step, state = make_step(model, optimizer, 1, grad_checkpoint=checkpoint, loss_fn=objective.loss)
     model.train()
     times, sampling, lengths = [], [], []
     mx.reset_peak_memory()
@@ -80,7 +81,8 @@ def main():
     print("RESULT " + json.dumps(dict(which="tuning_fork_grpo", shape=shape, prompts=B, group=G, prompt=P,
                                       completion=C, step_s=dt, completions_s=B * G / dt,
                                       sampling_s=sum(sampling) / len(sampling), completion_length=sum(lengths) / len(lengths),
-                                      peak_gb=mx.get_peak_memory() / 1e9, direct_launches=direct)), flush=True)
+                                      peak_gb=mx.get_peak_memory() / 1e9, direct_launches=direct,
+                                      grad_checkpoint=checkpoint)), flush=True)
 
 
 if __name__ == "__main__":

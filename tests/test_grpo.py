@@ -268,10 +268,12 @@ def test_grpo_mistakes_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_experiment_and_the_sft_grpo_pipeline_run(tmp_path):
-    proc = run_cli("experiment=demo_grpo", "debug=fast", f"hydra.run.dir={tmp_path / 'demo'}")
+    short = ("schedule.iters=3", "schedule.steps_per_eval=3", "objective.group_size=2", "objective.max_tokens=8")
+    proc = run_cli("experiment=demo_grpo", "debug=fast", *short, f"hydra.run.dir={tmp_path / 'demo'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val_reward/says_hz" in read_metrics(tmp_path / "demo")[0]
-    proc = run_cli("pipeline=sft_grpo", "debug=fast", f"hydra.run.dir={tmp_path / 'p'}")
+    # (the command line's schedule keys win over the stages' own)
+    proc = run_cli("pipeline=sft_grpo", "debug=fast", *short[:2], "objective.group_size=2", f"hydra.run.dir={tmp_path / 'p'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     grpo = json.loads((tmp_path / "p" / "grpo" / "results.json").read_text())
     assert "best_val_reward_mean" in grpo and (tmp_path / "p" / "grpo" / "samples").is_dir()
