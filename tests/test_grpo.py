@@ -208,8 +208,10 @@ def test_a_grpo_run_logs_rewards_kl_lengths_times_and_samples(tmp_path):
     args, env = grpo_setup(tmp_path)
     run_dir = tmp_path / "run"
     proc = run_cli(*args, "schedule.iters=6", "schedule.epochs=null", "schedule.steps_per_eval=3",
-                   "schedule.steps_per_report=2", f"hydra.run.dir={run_dir}", env=env)
+                   "schedule.steps_per_report=2", f"hydra.run.dir={run_dir}", "optimized_metric=best_val_reward_mean",
+                   "wandb.project=grpo-test", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # the samples went to W&B as a table too
     metrics = read_metrics(run_dir)
     train = [m for m in metrics if "train_loss" in m]
     for key in ("train_reward_mean", "train_reward_std", "train_reward/short_and_has_a", "train_kl",
@@ -224,6 +226,10 @@ def test_a_grpo_run_logs_rewards_kl_lengths_times_and_samples(tmp_path):
     result = json.loads((run_dir / "results.json").read_text())
     assert "best_val_reward_mean" in result and result["best_val_reward_mean"] == max(m["val_reward_mean"] for m in vals)
     assert "test_ppl" not in result
+    proc = run_cli(*args, "summary=true", f"hydra.run.dir={tmp_path / 'sum'}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "sum" / "summary.json").read_text())
+    assert summary["splits"]["train"]["records"] == 12 and summary["plan"]["steps_per_epoch"] == 6
 
 
 @pytest.mark.slow

@@ -123,6 +123,11 @@ def encode_part(cfg, part, tokenizer, notes) -> tuple[list, list, list]:
     """(every record's length, the lengths of those that train (data.too_long), their target tokens); a
     preference pair is as long as its longer answer, its targets are both answers'."""
     max_len = cfg.data.max_seq_length
+    if cfg.objective.name == "grpo":  # prompts: their tokens; the completions are sampled in training
+        from .objectives.grpo import GRPO
+
+        lengths = [len(p.ids) for p in GRPO(cfg).encode({part.split.name: part.split}, tokenizer)[part.split.name]]
+        return [(n, n) for n in lengths], lengths, [0] * len(lengths)
     if cfg.objective.name != "sft":
         encoded = data.encode_pairs(part.split, tokenizer, part.data, part.prompt, notes)
         trained = data.limit_pairs(encoded, part.split, part.data)[0]
