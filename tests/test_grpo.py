@@ -345,3 +345,21 @@ def test_resuming_within_a_reused_batch_reads_it_back_then_draws_the_next_prompt
     (tmp_path / "grpo" / "batch-rank0.npz").unlink()
     with pytest.raises(TuningForkError, match="does not hold batch 1"):
         next(objective.train_batches(sets["train"], 3))
+
+
+@pytest.mark.slow
+def test_grpo_on_a_mixture_with_task_metrics_from_the_answer_field(tmp_path):
+    args, env = grpo_setup(tmp_path)
+    other = tmp_path / "other"
+    write_jsonl(other / "train.jsonl", [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                                                      {"role": "assistant", "content": " ".join(map(str, range(i)))}]}
+                                        for i in range(1, 7)])
+    args = [a for a in args if not a.startswith("data")]
+    proc = run_cli(*args, "data=mix", f"data.sources.say.path={tmp_path / 'd'}", f"data.sources.count.path={other}",
+                   "data.sources.count.weight=1", "data.sources.say.weight=1", "data.records_per_epoch=8",
+                   "schedule.iters=4", "schedule.epochs=null", "schedule.steps_per_eval=4", "eval.generate.records=2",
+                   f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mix · say 4 of 12 + count 4 of 6 = 8 records per epoch" in proc.stdout
+    last = [m for m in read_metrics(tmp_path / "run") if "val_reward_mean" in m][-1]
+    assert "val_exact_match" in last and "val_loss/say" in last  # the say prompts' `answer` is the reference

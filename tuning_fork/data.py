@@ -419,6 +419,9 @@ def generation_prompt(rec: dict, tokenizer, data, prompt) -> tuple[list[int], st
 
     if data.chosen_feature in rec and data.rejected_feature in rec:  # a preference pair: the chosen answer
         messages, _, tools = preference_conversations(rec, data, prompt)
+    elif data.prompt_feature in rec and data.completion_feature not in rec:  # a prompt alone (grpo): its `answer`
+        messages, tools = conversation({**rec, data.completion_feature: str(rec.get("answer", ""))}, "completions",
+                                       data, prompt)
     else:
         fmt = "completions" if data.prompt_feature in rec and data.completion_feature in rec else "chat"
         messages, tools = conversation(rec, fmt, data, prompt)

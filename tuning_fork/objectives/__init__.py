@@ -32,7 +32,6 @@ class Batched:
     def encode(self, splits: dict, tokenizer) -> dict:
         from .. import cache
         from ..data import split_parts
-        from ..mixture import Sampler
 
         use = bool(self.cfg.data.get("cache", True))
         tokenizer_id = cache.tokenizer_digest(tokenizer) if use else None
@@ -56,10 +55,7 @@ class Batched:
             out[name], self.cached[name] = records, all(hits)
             if split.parts:
                 self.sources[name] = offsets
-        if "train" in self.sources:  # a mixture: each epoch draws its records from the sources
-            parts, d = splits["train"].parts, self.cfg.data
-            self.batcher.sample = Sampler(self.sources["train"], [p.weight for p in parts], [p.epochs for p in parts],
-                                          d.records_per_epoch, self.cfg.seed)
+        mixed(self, splits)
         return out
 
     def encode_one(self, split, tokenizer, data, prompt) -> tuple[list, list]:
@@ -100,6 +96,17 @@ class Batched:
 
     def eval_count(self, n: int) -> int:
         return self.batcher.count(n)
+
+
+def mixed(objective, splits: dict) -> None:
+    """A mixture's training epochs: each draws its records from the sources (objective.sources["train"]: each
+    source's (name, start, end) in the concatenated records)."""
+    from ..mixture import Sampler
+
+    if "train" in objective.sources:
+        parts, d = splits["train"].parts, objective.cfg.data
+        objective.batcher.sample = Sampler(objective.sources["train"], [p.weight for p in parts],
+                                           [p.epochs for p in parts], d.records_per_epoch, objective.cfg.seed)
 
 
 def build(cfg, rank: int = 0, size: int = 1):

@@ -102,11 +102,14 @@ class GRPO:
     def encode(self, splits: dict, tokenizer) -> dict:
         from ..chat import Conversations
 
+        from . import mixed
+
         self.tokenizer = tokenizer
         out = {}
         for name, split in splits.items():
             prompts = []
             for part in data.split_parts(split, self.cfg.data, self.cfg.prompt):
+                start = len(prompts)
                 if part.split.format in ("text", "preference"):
                     raise DataError(f"{part.split.origin}: {part.split.format} records, but objective=grpo needs prompts: "
                                     f'{{"{part.data.prompt_feature}": ..., <fields for the rewards>}} or '
@@ -116,6 +119,8 @@ class GRPO:
                     shown, messages, fields, chat = prompt_of(rec, part.split.format, part.data, part.prompt)
                     ids = np.array(chats.prompt_ids(messages, rec.get("tools")), np.int32)
                     prompts.append(Prompt(ids, shown, fields, chat))
+                if split.parts:
+                    self.sources.setdefault(name, []).append((part.name, start, len(prompts)))
             room = self.cfg.data.max_seq_length - self.o.max_tokens
             long = sum(len(p.ids) > room for p in prompts)
             if long:
@@ -123,6 +128,7 @@ class GRPO:
                                 f"objective.max_tokens={self.o.max_tokens} within data.max_seq_length="
                                 f"{self.cfg.data.max_seq_length}: raise data.max_seq_length or shorten them")
             out[name], self.cached[name] = prompts, False
+        mixed(self, splits)
         return out
 
     def rows(self, records) -> int:
