@@ -46,7 +46,8 @@ def run_model(run_dir):
     model, tokenizer = load_model(cfg, base, adapters, adapter_config)
     from tuning_fork.prompts import JINJA
 
-    tokenizer._tokenizer.chat_template = JINJA[fmt]
+    if fmt != "tokenizer":
+        tokenizer._tokenizer.chat_template = JINJA[fmt]
     return model, tokenizer
 
 
@@ -212,3 +213,34 @@ def test_each_prompt_format_as_a_chat_template_renders_as_the_format_does(fmt):
         for generation in (True, False):
             assert hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=generation) == \
                 render(fmt, conv, generation)
+
+
+def test_a_qlora_run_exports_de_quantized_for_transformers_and_quantized_for_mlx(tmp_path):
+    """The base was quantized at load (QLoRA): format=hf writes full-precision weights and no quantization;
+    format=mlx keeps the base's 4 bits and says so in its config (mlx_lm.load reads it)."""
+    from mlx_lm import load
+
+    data = make_data(tmp_path / "d", n_train=12, n_valid=4)
+    run_dir = tmp_path / "run"
+    proc = run_cli("data=jsonl", f"data.path={data}", "adapter=qlora", "debug=fast", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for fmt in ("hf", "mlx"):
+        proc = run_cli(f"run={run_dir}", f"format={fmt}", module="tuning_fork.export")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = json.loads((run_dir / "export" / "hf" / "config.json").read_text())
+    assert "quantization" not in hf and "quantization_config" not in hf
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(run_dir / "export" / "hf" / "model.safetensors"))
+    assert not any(k.endswith((".scales", ".biases")) for k in weights)
+    assert json.loads((run_dir / "export" / "mlx" / "config.json").read_text())["quantization"]["bits"] == 4
+    # fusing into 4-bit weights rounds them to 4 bits once more (as mlx_lm fuse does): close to the run, not
+    # equal (the built-in model's random weights round badly: ~12% of the logits' size here)
+    import mlx.core as mx
+    import numpy as np
+
+    model, tokenizer = load(str(run_dir / "export" / "mlx"))
+    run, _ = run_model(run_dir)
+    ids = mx.array([tokenizer.encode("What is 7 plus one? 7 plus one is 8.")])
+    ours, theirs = np.array(model(ids).astype(mx.float32)), np.array(run(ids).astype(mx.float32))
+    assert np.abs(ours - theirs).mean() < 0.25 * np.abs(theirs).mean()

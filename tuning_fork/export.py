@@ -111,6 +111,9 @@ def fused_model(cfg, base: str, adapters: str | None, adapter_config: dict):
     if plain:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
+    elif is_quantized(model) and "quantization" not in config:  # QLoRA quantized the base at load: say how
+        q = adapter_config["quantization"]
+        config["quantization"] = {"group_size": q["group_size"], "bits": q["bits"]}
     if cfg.dtype or cfg.format == "gguf":  # GGUF: mlx-lm writes float16
         dtype = getattr(mx, cfg.dtype or "float16")
         model.update(tree_map(lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w,
