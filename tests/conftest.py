@@ -146,6 +146,18 @@ def reports(run_dir):
             for m in read_metrics(run_dir)]
 
 
+def assert_resumed_exactly(run_dir, whole) -> None:
+    """A resumed run's reports and adapters are those of the run that was never stopped."""
+    import pytest
+
+    got, want = reports(run_dir), reports(whole)
+    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
+    for a, b in zip(got, want):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+
+
 def wait_for_iteration(run_dir, at_least: int, proc, timeout=120):
     """Until the run in `run_dir` has reported iteration `at_least` (the process must still run)."""
     import time

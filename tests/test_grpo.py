@@ -14,7 +14,7 @@ from tuning_fork import rewards
 from tuning_fork.errors import ConfigError, TuningForkError
 from tuning_fork.objectives.grpo import advantage
 
-from .conftest import adapters, compose_cfg, max_difference, one_line_error, read_metrics, reports, run_cli, write_jsonl
+from .conftest import assert_resumed_exactly, compose_cfg, one_line_error, read_metrics, run_cli, write_jsonl
 
 # --------------------------------------------------------------------------------------- the arithmetic
 
@@ -244,22 +244,11 @@ def test_a_stopped_grpo_run_reusing_its_batches_resumes_exactly(tmp_path):
     proc = run_cli(*args, f"hydra.run.dir={whole}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "run"
-    import os
-
-    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # (stop_midway starts the process with this environment)
-    try:
-        code, err = stop_midway(run_dir, 7, *args)
-    finally:
-        os.environ.pop("PYTHONPATH")
+    code, err = stop_midway(run_dir, 7, *args, env=env)
     assert code == 128 + signal.SIGTERM, err[-2000:]
     proc = run_cli(*args, f"hydra.run.dir={run_dir}", "resume=true", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = reports(run_dir), reports(whole)
-    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
-    for a, b in zip(got, want):
-        for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
-    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+    assert_resumed_exactly(run_dir, whole)
 
 
 @pytest.mark.slow

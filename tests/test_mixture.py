@@ -15,7 +15,7 @@ from tuning_fork.data import Batcher
 from tuning_fork.errors import ConfigError
 from tuning_fork.mixture import Sampler, epoch_counts
 
-from .conftest import adapters, make_data, max_difference, one_line_error, read_metrics, reports, run_cli, write_jsonl
+from .conftest import assert_resumed_exactly, make_data, one_line_error, read_metrics, run_cli, write_jsonl
 
 # ------------------------------------------------------------------------------------------- the draw
 
@@ -165,12 +165,7 @@ def test_a_stopped_mixture_resumes_exactly(tmp_path):
     assert code == 128 + signal.SIGTERM, err[-2000:]
     proc = run_cli(*args, f"hydra.run.dir={run_dir}", "resume=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got, want = reports(run_dir), reports(whole)
-    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
-    for a, b in zip(got, want):
-        for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a, b)
-    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+    assert_resumed_exactly(run_dir, whole)
 
 
 @pytest.mark.parametrize("extra, needles", [

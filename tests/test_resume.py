@@ -30,14 +30,15 @@ RUN = ("data=jsonl", "schedule.batch_size=2", "schedule.iters=120", "schedule.ep
        "adapter.dropout=0.1")
 
 
-def start(*args):
+def start(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "tuning_fork", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
-def stop_midway(run_dir, at: int, *args, signals=(signal.SIGTERM,)):
+def stop_midway(run_dir, at: int, *args, signals=(signal.SIGTERM,), env=None):
     """Start a run, send `signals` once it has reported iteration `at`; return (returncode, stderr)."""
-    proc = start(*args, f"hydra.run.dir={run_dir}")
+    proc = start(*args, f"hydra.run.dir={run_dir}", env=env)
     wait_for_iteration(run_dir, at, proc)
     for k, sig in enumerate(signals):
         if k:

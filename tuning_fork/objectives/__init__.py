@@ -37,7 +37,7 @@ class Batched:
         tokenizer_id = cache.tokenizer_digest(tokenizer) if use else None
         out, self.cached, self.sources = {}, {}, {}
         for name, split in splits.items():
-            records, hits, offsets = [], [], []
+            pieces, hits, offsets = [], [], []
             for part in split_parts(split, self.cfg.data, self.cfg.prompt):
                 k = cache.key(part.split, tokenizer_id, self.cache_settings(part.data, part.prompt)) if use else None
                 hit = cache.load(k) if use else None
@@ -48,10 +48,12 @@ class Batched:
                     if use and self.rank == 0:
                         cache.store(k, self.to_columns(rows), notes)
                 hits.append(hit is not None)
-                offsets.append((part.name, len(records), len(records) + len(rows)))
-                records = rows if not records and not split.parts else records + list(rows)
+                at = sum(map(len, pieces))
+                offsets.append((part.name, at, at + len(rows)))
+                pieces.append(rows)
                 for note in notes if self.rank == 0 else ():
                     print(f"tuning_fork: {part.name + ': ' if part.name else ''}{note}")
+            records = pieces[0] if len(pieces) == 1 else [r for rows in pieces for r in rows]
             out[name], self.cached[name] = records, all(hits)
             if split.parts:
                 self.sources[name] = offsets

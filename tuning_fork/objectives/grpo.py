@@ -94,7 +94,7 @@ class GRPO:
                                     length=lambda p: len(p.ids), collate_rows=lambda rows, _: (rows,))
         self.model = self.reference = self.tokenizer = self.run_dir = None
         self.cached, self.sources, self.samples = {}, {}, []
-        self.loss = self.eval_loss_value = self.policy_loss
+        self.loss = self.policy_loss
         self.eval_loss = self.validate
 
     # ------------------------------------------------------------------------------------------ the data
