@@ -3,19 +3,23 @@
 LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Variants:
   mlx_lm        mlx-lm's default_loss in a step compiled the way mlx-lm's trainer compiles it
   tuning_fork   as tuning_fork/train.py runs it: tuning_fork.step.make_step (our masked loss, the same
-                compiled update), kernels launched directly on CUDA (step.direct_cuda_launches) and the
+                compiled update), the lean layers (tuning_fork/layers.py: LoRA branches in bf16, SwiGLU MLPs
+                with their own VJP), kernels launched directly on CUDA (step.direct_cuda_launches) and the
                 host paced by a memory limit set from the first step (step.HostPace)
+  plain         the same without the lean layers (mlx-lm's LoRA layers: schedule.lean_layers=false)
   graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
   bucketed[MB]  our step with gradients averaged in buckets of MB (default 8) taken last layer first
                 (step.reduce_gradients) on the default stream, instead of mlx's average_gradients
   streamed[MB]  the same, the all-reduces on a stream of their own, beside the backward pass (what
                 schedule.reduce_bucket_mb=MB does on a GPU)
+Any variant but mlx_lm takes `+ckpt` (schedule.grad_checkpoint=true: each block recomputed in the backward pass)
+and `+plain` (no lean layers), e.g. `tuning_fork+ckpt`, `chunked128+ckpt`.
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|graphs|chunked[N]|bucketed[MB]} {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|plain|graphs|chunked[N]|bucketed[MB]}[+ckpt][+plain] {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
 prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
@@ -80,6 +84,11 @@ def main():
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    variant, *flags = variant.split("+")
+    if variant == "plain":
+        variant, flags = "tuning_fork", flags + ["plain"]
+    if set(flags) - {"ckpt", "plain"} or flags and variant == "mlx_lm":
+        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt, +plain (not for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
@@ -120,7 +129,12 @@ def main():
             if variant.startswith(kind):
                 bucket = float(variant[len(kind):] or 8)
                 stream = mx.new_stream(mx.default_device()) if kind == "streamed" else mx.default_stream(mx.default_device())
-        step, state = make_step(model, opt, 1, loss_chunk=chunk, bucket_mb=bucket, comm_stream=stream)
+        if "plain" not in flags:
+            from tuning_fork.layers import lean
+
+            lean(model)
+        step, state = make_step(model, opt, 1, grad_checkpoint="ckpt" in flags, loss_chunk=chunk, bucket_mb=bucket,
+                                comm_stream=stream)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):
             import numpy as np
@@ -146,7 +160,7 @@ def main():
     dt = (time.perf_counter() - tic) / STEPS
     tok_s = group.size() * B * T / dt
     fpt = flops_per_token(s, T)
-    result = dict(variant=variant, shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),
+    result = dict(variant="+".join([variant, *flags]), shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),
                   step_s=dt, tok_s=tok_s, tflops=tok_s * fpt / 1e12 / group.size(),
                   mfu=tok_s * fpt / 1e12 / group.size() / PEAK_TFLOPS, peak_gb=mx.get_peak_memory() / 1e9,
                   launches="direct" if direct else "graphs" if mx.cuda.is_available() else None,

@@ -6,8 +6,9 @@ tokens (temperature 1, top_p 1), scores them with a length reward, computes the 
 (beta 0.04) and trains once (loss_type grpo, AdamW). benchmarks/grpo_trl.py runs the same work with TRL's
 GRPOTrainer (PyTorch + PEFT). Random weights rarely sample the end token: completions run to their full length.
 
-    python benchmarks/grpo_step.py {1b|smoke} PROMPTS GROUP PROMPT COMPLETION [checkpoint]
-`checkpoint`: with schedule.grad_checkpoint=true (each block's activations recomputed in the backward pass). Prints one `RESULT {json}` line: completions/s over whole steps (sampling, rewards, reference, training),
+    python benchmarks/grpo_step.py {1b|smoke} PROMPTS GROUP PROMPT COMPLETION [checkpoint] [plain]
+`checkpoint`: with schedule.grad_checkpoint=true (each block's activations recomputed in the backward pass);
+`plain`: without the lean layers the CLI uses (schedule.lean_layers=false). Prints one `RESULT {json}` line: completions/s over whole steps (sampling, rewards, reference, training),
 the seconds spent sampling, peak memory.
 """
 
@@ -47,7 +48,7 @@ def main():
     from tuning_fork.step import direct_cuda_launches, make_step
 
     shape, B, G, P, C = sys.argv[1], *map(int, sys.argv[2:6])
-    checkpoint = sys.argv[6:7] == ["checkpoint"]
+    checkpoint, plain = "checkpoint" in sys.argv[6:], "plain" in sys.argv[6:]
     direct = direct_cuda_launches()
     s = SHAPES[shape]
     config.register()
@@ -57,6 +58,10 @@ def main():
             "+objective.rewards=[{_target_: tuning_fork.rewards.length, target: 100}]", f"schedule.batch_size={B}",
             f"data.max_seq_length={P + C + 1}"])
     model = lora_model(s)
+    if not plain:
+        from tuning_fork.layers import lean
+
+        lean(model)
     objective = GRPO(cfg)
     objective.tokenizer = tokenizer(s["vocab_size"])
     objective.prepare(model, {}, Path(tempfile.mkdtemp()), False)
@@ -82,7 +87,7 @@ def main():
                                       completion=C, step_s=dt, completions_s=B * G / dt,
                                       sampling_s=sum(sampling) / len(sampling), completion_length=sum(lengths) / len(lengths),
                                       peak_gb=mx.get_peak_memory() / 1e9, direct_launches=direct,
-                                      grad_checkpoint=checkpoint)), flush=True)
+                                      grad_checkpoint=checkpoint, lean_layers=not plain)), flush=True)
 
 
 if __name__ == "__main__":

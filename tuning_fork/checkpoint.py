@@ -177,7 +177,7 @@ def check_same_config(saved: dict, now: dict, folder: Path) -> None:
     def walk(a, b, prefix=""):
         for key in sorted(set(a) | set(b)):
             path = f"{prefix}{key}"
-            if not prefix and key in IGNORED_ON_RESUME:
+            if not prefix and key in IGNORED_ON_RESUME or key not in a:  # (a setting newer than the saved run)
                 continue
             x, y = a.get(key), b.get(key)
             if isinstance(x, dict) and isinstance(y, dict):

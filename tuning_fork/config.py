@@ -152,6 +152,8 @@ class ScheduleConfig:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
     grad_checkpoint: bool = False
+    lean_layers: bool = True  # LoRA branches in the model's precision and SwiGLU MLPs with their own VJP: the same
+    #                           losses and gradients, fewer saved activations (tuning_fork/layers.py, BENCHMARKS.md)
     loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
     reduce_bucket_mb: float = 0.0  # several ranks: > 0 averages gradients in buckets of this size, last layer first,
     #                                on a GPU stream of their own (beside the backward pass)

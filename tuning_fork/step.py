@@ -259,12 +259,9 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
     from mlx.utils import tree_map
 
     if grad_checkpoint:
-        from .models import import_tuner
+        from .layers import checkpoint_blocks
 
-        import_tuner()
-        from mlx_lm.tuner.trainer import grad_checkpoint as checkpoint_layer
-
-        checkpoint_layer(model.layers[0])
+        checkpoint_blocks(model)
     value_and_grad = nn.value_and_grad(model, loss_fn or with_tokens(partial(loss, chunk=loss_chunk)))
     if bucket_mb > 0 and comm_stream is None and mx.default_device() == mx.gpu:
         comm_stream = mx.new_stream(mx.gpu)  # the buckets' all-reduces beside the backward pass (BENCHMARKS.md)

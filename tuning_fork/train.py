@@ -139,6 +139,10 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
     if previous and previous.get("fine_tune_type") != "full":
         models.check_chain(cfg.init_from, previous, adapter_config)
         models.load_previous(run.model, source)
+    if s.lean_layers:  # the same losses and gradients with fewer saved activations
+        from .layers import lean
+
+        lean(run.model, cfg.adapter.dropout)
     if hasattr(run.objective, "prepare"):  # e.g. the reference log-probabilities of the starting policy
         run.objective.prepare(run.model, run.sets, run.run_dir, resume_from is not None)
     run.optimizer = build_optimizer(s, math.ceil(run.plan["iters"] / s.grad_accumulation_steps), run.plan["warmup"])

@@ -1,0 +1,146 @@
+"""The memory-lean layers (tuning_fork/layers.py) against mlx-lm's: the same loss and gradients, less memory."""
+
+import pytest
+
+
+def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropout: float = 0.0, seed: int = 0):
+    """A small random model of an mlx-lm family with LoRA rank 8 on every linear; trained-looking (nonzero) B."""
+    import importlib
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
+    from tuning_fork.models import import_tuner
+
+    import_tuner()
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(seed)
+    args = dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=101, rms_norm_eps=1e-5, rope_theta=1e4,
+                tie_word_embeddings=True, max_position_embeddings=256)
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    known = module.ModelArgs.__dataclass_fields__
+    model = module.Model(module.ModelArgs(**{k: v for k, v in args.items() if k in known}))
+    model.set_dtype(getattr(mx, dtype))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 2.0, "dropout": dropout})
+    model.update(tree_map(lambda w: 0.05 * mx.random.normal(w.shape), model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def loss_and_grads(model, seed: int = 1, rows: int = 3, width: int = 24):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from tuning_fork.step import loss
+
+    mx.random.seed(seed)
+    tokens = mx.random.randint(0, 101, (rows, width + 1))
+    mask = mx.random.uniform(shape=(rows, width)) > 0.2
+    value, grads = nn.value_and_grad(model, lambda m, *b: loss(m, *b)[0])(model, tokens, mask)
+    mx.eval(value, grads)
+    return value.item(), dict(tree_flatten(grads))
+
+
+def assert_close(plain, lean, rtol, atol):
+    import mlx.core as mx
+
+    assert lean[0] == pytest.approx(plain[0], rel=rtol)
+    assert plain[1].keys() == lean[1].keys() and any("mlp.down_proj.lora_b" in k for k in plain[1])
+    for k in plain[1]:
+        a, b = plain[1][k].astype(mx.float32), lean[1][k].astype(mx.float32)
+        scale = mx.abs(a).max().item()
+        assert mx.abs(a - b).max().item() <= atol * scale + 1e-7, k
+
+
+@pytest.mark.parametrize("keep_sigmoid", [True, False])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_lean_layers_give_the_same_loss_and_gradients_in_float32(family, keep_sigmoid, monkeypatch):
+    from tuning_fork import layers
+
+    plain = loss_and_grads(model_of(family))
+    model = model_of(family)
+    counts = layers.lean(model)
+    assert counts == {"lora": 14, "mlp": 2}
+    original = layers.mlp
+    monkeypatch.setattr(layers, "mlp", lambda *a: original(*a, keep_sigmoid=keep_sigmoid))
+    assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_layers_on_a_quantized_base_qlora():
+    from tuning_fork import layers
+
+    plain = loss_and_grads(model_of("llama", quantized=True))
+    model = model_of("llama", quantized=True)
+    assert layers.lean(model) == {"lora": 14, "mlp": 2}
+    assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_layers_in_bfloat16_match_within_its_precision_and_save_memory():
+    """In bf16 the LoRA branch is computed in bf16 (as PyTorch autocast does), so the gradients agree to bf16's
+    precision; the backward pass holds less: no float32 copies of the inputs, no SwiGLU intermediates."""
+    import mlx.core as mx
+
+    from tuning_fork import layers
+
+    def peak(model):
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out = loss_and_grads(model, rows=16, width=64)
+        return out, mx.get_peak_memory() - before
+
+    plain, plain_peak = peak(model_of("llama", "bfloat16"))
+    model = model_of("llama", "bfloat16")
+    layers.lean(model)
+    lean, lean_peak = peak(model)
+    assert_close(plain, lean, rtol=2e-2, atol=5e-2)
+    assert lean_peak < 0.85 * plain_peak, (lean_peak, plain_peak)
+
+
+def test_lean_leaves_what_it_cannot_replace():
+    """DoRA layers, MLPs of other activations (gemma's GELU) and LoRA with dropout keep mlx-lm's layers."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from tuning_fork import layers
+
+    assert layers.is_swiglu(__import__("mlx_lm.models.llama", fromlist=["MLP"]).MLP)
+    assert not layers.is_swiglu(__import__("mlx_lm.models.gemma", fromlist=["MLP"]).MLP)
+    model = model_of("llama", dropout=0.1)
+    assert layers.lean(model, dropout=0.1) == {"lora": 14, "mlp": 0}
+    assert type(model.layers[0].mlp).__name__ == "MLP"
+    gemma = model_of("gemma")
+    assert layers.lean(gemma) == {"lora": 14, "mlp": 0}
+    assert all(type(m) is not LoRALinear for _, m in gemma.named_modules())
+
+
+def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
+    """schedule.grad_checkpoint: the same loss and gradients; in eval mode a block runs without mx.checkpoint,
+    so sampling with a KV cache (GRPO's rollouts) is the plain model's."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    from tuning_fork import layers
+
+    plain = loss_and_grads(model_of("qwen3"))
+    model = model_of("qwen3")
+    reference = model_of("qwen3")
+    layers.lean(model)
+    restore = layers.checkpoint_blocks(model)
+    try:
+        assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+        model.eval()
+        reference.eval()
+        prompt = mx.array([5, 7, 11, 13])
+        ours = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8), range(8))]
+        theirs = [t for t, _ in zip(generate_step(prompt, reference, max_tokens=8), range(8))]
+        assert [int(t) for t, _ in ours] == [int(t) for t, _ in theirs]
+    finally:
+        restore()

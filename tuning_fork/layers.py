@@ -1,0 +1,207 @@
+"""Memory-lean adapter layers for training: the same losses and gradients as mlx-lm's, with fewer saved arrays.
+
+Two changes, both backend-neutral (Apple silicon, CPUs and CUDA alike; BENCHMARKS.md has the figures):
+
+1. The LoRA branch in the input's precision. mlx-lm keeps the low-rank matrices in float32 and multiplies a
+   bf16 input by them, which makes MLX promote the input: every adapted linear then holds a float32 copy of
+   its input for the backward pass (a third of a LoRA step's activations on a bf16 Llama). `LoRALinear` casts
+   the small matrices to the input's dtype instead (their gradients flow back to the float32 weights through
+   the cast), as PyTorch autocast does for PEFT. Float32 models are untouched.
+
+2. A SwiGLU MLP with its own VJP (`mlp`), for `down(silu(gate(x)) * up(x))` blocks whose three linears are
+   LoRA (or DoRA-free, frozen) layers: the backward pass keeps the input and the gate and up projections,
+   and recomputes silu, the product and the low-rank products from them, where autodiff keeps every
+   intermediate (Unsloth's fast_lora.py does the like in PyTorch; the derivative of silu,
+   sigmoid(g)(1 + g(1 - sigmoid(g))), is the textbook one).
+
+`lean(model)` applies both to a model with adapters attached (`schedule.lean_layers`, on by default); nothing
+changes what is saved or loaded. `checkpoint_blocks` is `schedule.grad_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models import import_tuner
+
+import_tuner()  # (mlx_lm.tuner without its W&B import)
+from mlx_lm.tuner.lora import LoRALinear as _LoRALinear  # noqa: E402
+
+
+class LoRALinear(_LoRALinear):
+    """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept)."""
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ (self.scale * self.lora_b).astype(x.dtype)
+        return y + z
+
+
+def _base(linear, x):
+    return linear(x)
+
+
+def _base_input_grad(linear, dy):
+    """dL/dx of a frozen linear (its bias has no say in it)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.quantized_matmul(dy, linear["weight"], linear["scales"], linear.get("biases"), transpose=False,
+                                   group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+    return dy @ linear["weight"]
+
+
+def _parts(layer):
+    """(frozen linear, lora_a, lora_b, scale) of a LoRA layer; (linear, None, None, 0) of a frozen one."""
+    if isinstance(layer, _LoRALinear):
+        return layer.linear, layer.lora_a, layer.lora_b, layer.scale
+    return layer, None, None, 0.0
+
+
+def _lora(x, a, b, scale):
+    return (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """An MLP module whose gate_proj, up_proj and down_proj it keeps as its own children (so parameter names and
+    adapter files are unchanged), trained through `mlp`; in eval mode (sampling, validation) the plain path."""
+
+    def __init__(self, mlp_module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp_module.gate_proj, mlp_module.up_proj, mlp_module.down_proj
+
+    def __call__(self, x):
+        if self.training:
+            return mlp(self.gate_proj, self.up_proj, self.down_proj, x)
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def mlp(gate_proj, up_proj, down_proj, x, keep_sigmoid: bool | None = None):
+    """down(silu(gate(x)) * up(x)) with a VJP that keeps x, gate(x) and up(x) only, and sigmoid(gate(x)) too
+    where an exponential costs more than the memory it saves (`keep_sigmoid`; default: on CPUs, where the
+    backward pass's extra sigmoid made a step ~10% slower; on a GPU it is an elementwise pass among matmuls)."""
+    if keep_sigmoid is None:
+        keep_sigmoid = mx.default_device() == mx.cpu
+    layers = [_parts(m) for m in (gate_proj, up_proj, down_proj)]
+    trainable = [p for (_, a, b, _) in layers if a is not None for p in (a, b)]
+
+    def project(i, h):
+        linear, a, b, scale = layers[i]
+        y = _base(linear, h)
+        return y if a is None else y + _lora(h, a, b, scale)
+
+    @mx.custom_function
+    def f(x, *weights):
+        g, u = project(0, x), project(1, x)
+        if keep_sigmoid:
+            sig = mx.sigmoid(g)
+            return project(2, g * sig * u), g, u, sig
+        return project(2, nn.silu(g) * u), g, u
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        x = primals[0]
+        dy = cotangents[0]
+        g, u = outputs[1:3]
+        sig = outputs[3] if keep_sigmoid else mx.sigmoid(g)
+        silu = g * sig
+        h = silu * u
+        grads = {}
+        linear, a, b, scale = layers[2]
+        dh = _base_input_grad(linear, dy)
+        if a is not None:
+            a_, b_ = a.astype(dy.dtype), (scale * b).astype(dy.dtype)
+            ha, dyb = h @ a_, dy @ b_.T
+            grads[2] = ((h.reshape(-1, h.shape[-1]).T @ dyb.reshape(-1, dyb.shape[-1])).astype(a.dtype),
+                        (scale * (ha.reshape(-1, ha.shape[-1]).T @ dy.reshape(-1, dy.shape[-1]))).astype(b.dtype))
+            dh = dh + dyb @ a_.T
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        du = dh * silu
+        dx = None
+        for i, d in ((0, dg), (1, du)):
+            linear, a, b, scale = layers[i]
+            part = _base_input_grad(linear, d)
+            if a is not None:
+                a_, b_ = a.astype(d.dtype), (scale * b).astype(d.dtype)
+                xa, db = x @ a_, d @ b_.T
+                grads[i] = ((x.reshape(-1, x.shape[-1]).T @ db.reshape(-1, db.shape[-1])).astype(a.dtype),
+                            (scale * (xa.reshape(-1, xa.shape[-1]).T @ d.reshape(-1, d.shape[-1]))).astype(b.dtype))
+                part = part + db @ a_.T
+            dx = part if dx is None else dx + part
+        out = [dx]
+        for i in range(3):
+            if i in grads:
+                out += list(grads[i])
+        return tuple(out)
+
+    return f(x, *trainable)[0]
+
+
+@functools.cache
+def is_swiglu(cls) -> bool:
+    """Whether an mlx-lm module class computes down_proj(swiglu(gate_proj(x), up_proj(x))) and nothing else (read
+    from its source: llama, mistral, qwen2, qwen3, deepseek, olmo2 and some fifty other mlx-lm models)."""
+    try:
+        source = inspect.getsource(cls.__call__)
+        from mlx_lm.models.activations import swiglu
+    except (OSError, TypeError, ImportError):
+        return False
+    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    return (source.lstrip().startswith("def __call__(self, x)") and getattr(sys.modules[cls.__module__], "swiglu", None)
+            is swiglu and body == ["return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"])
+
+
+def _replaceable(module, dropout: float) -> bool:
+    """A SwiGLU MLP with LoRA on at least one projection, no dropout, and LoRA or frozen linears (not DoRA)."""
+    if not is_swiglu(type(module)) or dropout:
+        return False
+    parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+    return (all(isinstance(p, (_LoRALinear, nn.Linear, nn.QuantizedLinear)) for p in parts)
+            and any(isinstance(p, _LoRALinear) for p in parts))
+
+
+def lean(model, dropout: float = 0.0) -> dict:
+    """Swap in the lean layers where they apply (the MLP only without adapter dropout); returns how many of each
+    were swapped."""
+    counts = {"lora": 0, "mlp": 0}
+    for _, module in model.named_modules():
+        if type(module) is _LoRALinear:
+            module.__class__ = LoRALinear
+            counts["lora"] += 1
+    for _, module in model.named_modules():
+        for name, child in module.children().items():
+            if isinstance(child, nn.Module) and _replaceable(child, dropout):
+                setattr(module, name, SwiGLU(child))
+                counts["mlp"] += 1
+    return counts
+
+
+def checkpoint_blocks(model):
+    """Recompute each block's activations in the backward pass (schedule.grad_checkpoint): its class's call goes
+    through mx.checkpoint in training mode; in eval mode (sampling, validation) it runs plainly. Returns a
+    function that puts the class's own call back."""
+    cls = type(model.layers[0])
+    call = cls.__call__
+    if getattr(call, "checkpointed", False):
+        return lambda: None
+
+    def checkpointed(self, x, *args, **kwargs):
+        if not self.training:  # sampling with a KV cache through mx.checkpoint crawled on CUDA (GRPO, session 6)
+            return call(self, x, *args, **kwargs)
+
+        def inner(params, x):
+            self.update(params)
+            return call(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    checkpointed.checkpointed = True
+    cls.__call__ = checkpointed
+
+    def restore():
+        cls.__call__ = call
+
+    return restore
