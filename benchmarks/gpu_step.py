@@ -87,7 +87,7 @@ def main():
     variant, *flags = variant.split("+")
     if variant == "plain":
         variant, flags = "tuning_fork", flags + ["plain"]
-    if set(flags) - {"ckpt", "plain"} or flags and variant == "mlx_lm":
+    if set(flags) - {"ckpt", "plain", "nomlp"} or flags and variant == "mlx_lm":
         sys.exit(f"gpu_step: unknown flags {flags}: +ckpt, +plain (not for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
@@ -132,7 +132,7 @@ def main():
         if "plain" not in flags:
             from tuning_fork.layers import lean
 
-            lean(model)
+            lean(model, mlps="nomlp" not in flags)
         step, state = make_step(model, opt, 1, grad_checkpoint="ckpt" in flags, loss_chunk=chunk, bucket_mb=bucket,
                                 comm_stream=stream)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
@@ -147,11 +147,15 @@ def main():
             run = lambda: step(batch, None, True)[:2]
 
     pace = HostPace(direct)
-    for _ in range(WARMUP):
+    for k in range(WARMUP):
+        tic = time.perf_counter()
         pace.before(B * T)
         value, _ = run()
         mx.eval(state, value)
         pace.stepped(True)
+        if os.environ.get("BENCH_VERBOSE"):
+            print(f"warm-up step {k}: {time.perf_counter() - tic:.2f} s, peak {mx.get_peak_memory() / 1e9:.2f} GB",
+                  flush=True)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     for _ in range(STEPS):

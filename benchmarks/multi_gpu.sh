@@ -4,6 +4,7 @@
 # (tuning_fork) against mlx's average_gradients (plainreduce); issue 18's breakdown of the step (weights
 # loaded from disk, fresh batches); the CLI end to end on 1 and 2 GPUs. Logs under $OUT.
 #   bash benchmarks/multi_gpu.sh 1b     then, in the next call,     bash benchmarks/multi_gpu.sh 8b
+#   bash benchmarks/multi_gpu.sh quick  the step alone on 1 and 2 GPUs at 1B and 8B (one call)
 set -u
 part=${1:-1b}
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
@@ -55,6 +56,13 @@ print('cli n=$n', 'reports', len(t), 'median tok/s', round(st.median(tps)), 'tok
   cp /tmp/r$n/metrics.jsonl "$OUT/cli${n}_metrics.jsonl" 2>/dev/null
 done
 }
+if [ "$part" = quick ]; then  # the step alone, 1 and 2 GPUs, 1B then 8B (no model to write, no CLI)
+  for shape in "1b 8 1024" "8b 4 2048"; do
+    CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
+    step2 tuning_fork $shape
+  done
+  exit 0
+fi
 make_model
 if [ "$part" = model ]; then exit 0; fi
 if [ "$part" = cli ]; then cli; exit 0; fi

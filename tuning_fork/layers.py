@@ -163,9 +163,9 @@ def _replaceable(module, dropout: float) -> bool:
             and any(isinstance(p, _LoRALinear) for p in parts))
 
 
-def lean(model, dropout: float = 0.0) -> dict:
-    """Swap in the lean layers where they apply (the MLP only without adapter dropout); returns how many of each
-    were swapped."""
+def lean(model, dropout: float = 0.0, mlps: bool = True) -> dict:
+    """Swap in the lean layers where they apply (the MLP only without adapter dropout, and if `mlps`); returns how
+    many of each were swapped."""
     counts = {"lora": 0, "mlp": 0}
     for _, module in model.named_modules():
         if type(module) is _LoRALinear:
@@ -173,7 +173,7 @@ def lean(model, dropout: float = 0.0) -> dict:
             counts["lora"] += 1
     for _, module in model.named_modules():
         for name, child in module.children().items():
-            if isinstance(child, nn.Module) and _replaceable(child, dropout):
+            if mlps and isinstance(child, nn.Module) and _replaceable(child, dropout):
                 setattr(module, name, SwiGLU(child))
                 counts["mlp"] += 1
     return counts
