@@ -19,7 +19,7 @@ Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|plain|graphs|chunked[N]|bucketed[MB]}[+ckpt][+plain] {1b|8b|1b_v32k|smoke|smoke_v16k} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|plain|graphs|chunked[N]|bucketed[MB]}[+ckpt][+plain] {1b|8b|1b_v32k|smoke|smoke_v16k|cpu_f32} BATCH SEQ
 prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
@@ -43,6 +43,9 @@ SHAPES = {
                     num_key_value_heads=8, vocab_size=32000, head_dim=64, tie_word_embeddings=True),  # the head's share
     "smoke_v16k": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=16000, head_dim=16, tie_word_embeddings=True),
+    # a small float32 model for the CPU (issue 18's CPU goal): activations, not logits, set the peak
+    "cpu_f32": dict(hidden_size=512, num_hidden_layers=4, intermediate_size=2048, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=8000, head_dim=64, tie_word_embeddings=True, dtype="float32"),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000, head_dim=16, tie_word_embeddings=True),  # CPU check
 }
@@ -65,9 +68,11 @@ def lora_model(s: dict):
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     mx.random.seed(0)
+    s = dict(s)
+    dtype = getattr(mx, s.pop("dtype", "bfloat16"))
     model = llama.Model(llama.ModelArgs.from_dict(dict(model_type="llama", rms_norm_eps=1e-5,
                                                        rope_theta=500000.0, **s)))
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(dtype)
     mx.eval(model.parameters())
     model.freeze()
     linear_to_lora_layers(model, s["num_hidden_layers"], {"rank": 16, "scale": 2.0, "dropout": 0.0})
@@ -132,7 +137,7 @@ def main():
         if "plain" not in flags:
             from tuning_fork.layers import lean
 
-            lean(model, mlps="nomlp" not in flags)
+            lean(model, mlps=False if "nomlp" in flags else None)  # (None: as the CLI, the MLPs on a GPU only)
         step, state = make_step(model, opt, 1, grad_checkpoint="ckpt" in flags, loss_chunk=chunk, bucket_mb=bucket,
                                 comm_stream=stream)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))

@@ -59,17 +59,13 @@ def assert_close(plain, lean, rtol, atol):
         assert mx.abs(a - b).max().item() <= atol * scale + 1e-7, k
 
 
-@pytest.mark.parametrize("keep_sigmoid", [True, False])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_lean_layers_give_the_same_loss_and_gradients_in_float32(family, keep_sigmoid, monkeypatch):
+def test_lean_layers_give_the_same_loss_and_gradients_in_float32(family):
     from tuning_fork import layers
 
     plain = loss_and_grads(model_of(family))
     model = model_of(family)
-    counts = layers.lean(model)
-    assert counts == {"lora": 14, "mlp": 2}
-    original = layers.mlp
-    monkeypatch.setattr(layers, "mlp", lambda *a: original(*a, keep_sigmoid=keep_sigmoid))
+    assert layers.lean(model, mlps=True) == {"lora": 14, "mlp": 2}
     assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
 
 
@@ -78,7 +74,7 @@ def test_lean_layers_on_a_quantized_base_qlora():
 
     plain = loss_and_grads(model_of("llama", quantized=True))
     model = model_of("llama", quantized=True)
-    assert layers.lean(model) == {"lora": 14, "mlp": 2}
+    assert layers.lean(model, mlps=True) == {"lora": 14, "mlp": 2}
     assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
 
 
@@ -99,7 +95,7 @@ def test_lean_layers_in_bfloat16_match_within_its_precision_and_save_memory():
 
     plain, plain_peak = peak(model_of("llama", "bfloat16"))
     model = model_of("llama", "bfloat16")
-    layers.lean(model)
+    layers.lean(model, mlps=True)
     lean, lean_peak = peak(model)
     assert_close(plain, lean, rtol=2e-2, atol=5e-2)
     assert lean_peak < 0.85 * plain_peak, (lean_peak, plain_peak)
@@ -114,10 +110,11 @@ def test_lean_leaves_what_it_cannot_replace():
     assert layers.is_swiglu(__import__("mlx_lm.models.llama", fromlist=["MLP"]).MLP)
     assert not layers.is_swiglu(__import__("mlx_lm.models.gemma", fromlist=["MLP"]).MLP)
     model = model_of("llama", dropout=0.1)
-    assert layers.lean(model, dropout=0.1) == {"lora": 14, "mlp": 0}
+    assert layers.lean(model, dropout=0.1, mlps=True) == {"lora": 14, "mlp": 0}
     assert type(model.layers[0].mlp).__name__ == "MLP"
     gemma = model_of("gemma")
-    assert layers.lean(gemma) == {"lora": 14, "mlp": 0}
+    assert layers.lean(gemma, mlps=True) == {"lora": 14, "mlp": 0}
+    assert layers.lean(model_of("llama"), mlps=False) == {"lora": 14, "mlp": 0}
     assert all(type(m) is not LoRALinear for _, m in gemma.named_modules())
 
 
@@ -132,7 +129,7 @@ def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
     plain = loss_and_grads(model_of("qwen3"))
     model = model_of("qwen3")
     reference = model_of("qwen3")
-    layers.lean(model)
+    layers.lean(model, mlps=True)
     restore = layers.checkpoint_blocks(model)
     try:
         assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ Two changes, both backend-neutral (Apple silicon, CPUs and CUDA alike; BENCHMARK
    the small matrices to the input's dtype instead (their gradients flow back to the float32 weights through
    the cast), as PyTorch autocast does for PEFT. Float32 models are untouched.
 
-2. A SwiGLU MLP with its own VJP (`mlp`), for `down(silu(gate(x)) * up(x))` blocks whose three linears are
+2. On a GPU, a SwiGLU MLP with its own VJP (`mlp`), for `down(silu(gate(x)) * up(x))` blocks whose three linears are
    LoRA (or DoRA-free, frozen) layers: the backward pass keeps the input and the gate and up projections,
    and recomputes silu, the product and the low-rank products from them, where autodiff keeps every
    intermediate (Unsloth's fast_lora.py does the like in PyTorch; the derivative of silu,
@@ -79,12 +79,8 @@ class SwiGLU(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def mlp(gate_proj, up_proj, down_proj, x, keep_sigmoid: bool | None = None):
-    """down(silu(gate(x)) * up(x)) with a VJP that keeps x, gate(x) and up(x) only, and sigmoid(gate(x)) too
-    where an exponential costs more than the memory it saves (`keep_sigmoid`; default: on CPUs, where the
-    backward pass's extra sigmoid made a step ~10% slower; on a GPU it is an elementwise pass among matmuls)."""
-    if keep_sigmoid is None:
-        keep_sigmoid = mx.default_device() == mx.cpu
+def mlp(gate_proj, up_proj, down_proj, x):
+    """down(silu(gate(x)) * up(x)) with a VJP that keeps x, gate(x) and up(x) only."""
     layers = [_parts(m) for m in (gate_proj, up_proj, down_proj)]
     trainable = [p for (_, a, b, _) in layers if a is not None for p in (a, b)]
 
@@ -96,9 +92,6 @@ def mlp(gate_proj, up_proj, down_proj, x, keep_sigmoid: bool | None = None):
     @mx.custom_function
     def f(x, *weights):
         g, u = project(0, x), project(1, x)
-        if keep_sigmoid:
-            sig = mx.sigmoid(g)
-            return project(2, g * sig * u), g, u, sig
         return project(2, nn.silu(g) * u), g, u
 
     @f.vjp
@@ -106,7 +99,7 @@ def mlp(gate_proj, up_proj, down_proj, x, keep_sigmoid: bool | None = None):
         x = primals[0]
         dy = cotangents[0]
         g, u = outputs[1:3]
-        sig = outputs[3] if keep_sigmoid else mx.sigmoid(g)
+        sig = mx.sigmoid(g)
         silu = g * sig
         h = silu * u
         grads = {}
@@ -163,9 +156,12 @@ def _replaceable(module, dropout: float) -> bool:
             and any(isinstance(p, _LoRALinear) for p in parts))
 
 
-def lean(model, dropout: float = 0.0, mlps: bool = True) -> dict:
-    """Swap in the lean layers where they apply (the MLP only without adapter dropout, and if `mlps`); returns how
-    many of each were swapped."""
+def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
+    """Swap in the lean layers where they apply; returns how many of each were swapped. The MLPs only without
+    adapter dropout, and if `mlps` (default: on a GPU, Metal or CUDA; on a CPU the exponentials the backward pass
+    recomputes cost more than matmuls there: a float32 step ~10% slower for 10% less memory, BENCHMARKS.md)."""
+    if mlps is None:
+        mlps = mx.default_device() == mx.gpu
     counts = {"lora": 0, "mlp": 0}
     for _, module in model.named_modules():
         if type(module) is _LoRALinear:
