@@ -29,6 +29,10 @@ def test_advantages_are_group_normalized_and_a_constant_reward_gives_zero():
     assert a[2] == pytest.approx((third - third.mean()) / (third.std(ddof=1) + 1e-4))
     assert advantage(r, "dr_grpo")[0] == pytest.approx([0.5, -0.5, -0.5, 0.5])  # Dr. GRPO: no std scaling
     assert advantage(r, "dapo")[0] == pytest.approx(a[0])
+    # TRL's scale_rewards: none, or the whole batch's std (PPO-Lite) in place of each group's
+    assert advantage(r, "grpo", "none")[0] == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    every = np.nan_to_num(r).reshape(-1)
+    assert advantage(r, "dr_grpo", "batch")[2] == pytest.approx((third - third.mean()) / (every.std(ddof=1) + 1e-4))
 
 
 class Fixed:

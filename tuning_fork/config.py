@@ -38,6 +38,7 @@ TooLong = choice("TooLong", "truncate", "drop", "error")
 PromptFormat = choice("PromptFormat", "tokenizer", "chatml", "llama3", "mistral", "alpaca", "phi", "gemma")
 Objective = choice("Objective", "sft", "dpo", "orpo", "simpo", "grpo")
 LossType = choice("LossType", "sigmoid", "ipo", "hinge", "grpo", "dr_grpo", "dapo")
+ScaleRewards = choice("ScaleRewards", "group", "batch", "none")
 Direction = choice("Direction", "auto", "min", "max")
 FinalValidation = choice("FinalValidation", "full", "sample")
 Carry = choice("Carry", "best", "last")
@@ -242,6 +243,9 @@ class ObjectiveConfig:
     top_p: float = 1.0
     epsilon: float = 0.2  # the policy ratio's clip range: [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[float] = None  # null: epsilon (DAPO uses 0.28)
+    # the advantage's divisor, as TRL's scale_rewards: group (each group's std) | batch (the batch's std) | none;
+    # null: none for dr_grpo (Liu et al. 2025 drop it), group otherwise
+    scale_rewards: Optional[ScaleRewards] = None
     iterations_per_batch: int = 1  # μ: optimizer iterations on each batch of completions
     log_samples: int = 8  # completions written to RUN/samples/ at each validation
 

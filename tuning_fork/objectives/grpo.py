@@ -213,7 +213,8 @@ class GRPO:
         fields = {k: [p.fields.get(k) for p in owners] for k in {k for p in prompts for k in p.fields}}
         total, per = rewards.score(self.rewards, [p.prompt for p in owners], shown, fields)
         r = np.array(total, np.float64).reshape(len(prompts), G)
-        advantages = advantage(r, str(self.o.loss_type)).reshape(-1)
+        scale = self.o.get("scale_rewards")
+        advantages = advantage(r, str(self.o.loss_type), None if scale is None else str(scale)).reshape(-1)
         rows = [(np.concatenate([p.ids, np.array(c, np.int32)]), ((len(p.ids), len(p.ids) + len(c)),))
                 for p, c in zip(owners, completions)]
         tokens, mask = data.collate(rows, self.cfg.data.max_seq_length)
@@ -334,13 +335,17 @@ class GRPO:
         return tuple(mx.array(saved[f"a{i}"]) for i in range(len(saved.files) - 1))
 
 
-def advantage(rewards: np.ndarray, loss_type: str) -> np.ndarray:
-    """Group-relative advantages of rewards shaped (prompts, group); NaN rewards (no reward applied) count 0."""
+def advantage(rewards: np.ndarray, loss_type: str, scale: str | None = None) -> np.ndarray:
+    """Group-relative advantages of rewards shaped (prompts, group); NaN rewards (no reward applied) count 0.
+    Each reward less its group's mean, over `scale`'s std (TRL's scale_rewards; Bessel-corrected, as torch.std):
+    "group" (DeepSeekMath's GRPO), "batch" (all of this rank's rewards), "none"; None: none for dr_grpo, else group."""
     r = np.nan_to_num(rewards, nan=0.0)
     centred = r - r.mean(axis=1, keepdims=True)
-    if loss_type == "dr_grpo":
+    scale = scale or ("none" if loss_type == "dr_grpo" else "group")
+    if scale == "none":
         return centred
-    return centred / (r.std(axis=1, ddof=1, keepdims=True) + 1e-4)
+    std = r.std(axis=1, ddof=1, keepdims=True) if scale == "group" else r.std(ddof=1)
+    return centred / (std + 1e-4)
 
 
 def nanmean(x):
