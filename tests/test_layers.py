@@ -99,6 +99,11 @@ def test_lean_layers_in_bfloat16_match_within_its_precision_and_save_memory():
     lean, lean_peak = peak(model)
     assert_close(plain, lean, rtol=2e-2, atol=5e-2)
     assert lean_peak < 0.85 * plain_peak, (lean_peak, plain_peak)
+    checkpointed = model_of("llama", "bfloat16")
+    layers.checkpoint_blocks(checkpointed)  # each block keeps its input alone
+    again, again_peak = peak(checkpointed)
+    assert_close(plain, again, rtol=1e-5, atol=1e-5)
+    assert again_peak < 0.9 * plain_peak, (again_peak, plain_peak)
 
 
 def test_lean_leaves_what_it_cannot_replace():
@@ -120,7 +125,7 @@ def test_lean_leaves_what_it_cannot_replace():
 
 def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
     """schedule.grad_checkpoint: the same loss and gradients; in eval mode a block runs without mx.checkpoint,
-    so sampling with a KV cache (GRPO's rollouts) is the plain model's."""
+    so sampling with a KV cache (GRPO's rollouts) is the plain model's; other models of the class are untouched."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -130,14 +135,14 @@ def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
     model = model_of("qwen3")
     reference = model_of("qwen3")
     layers.lean(model, mlps=True)
-    restore = layers.checkpoint_blocks(model)
-    try:
-        assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
-        model.eval()
-        reference.eval()
-        prompt = mx.array([5, 7, 11, 13])
-        ours = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8), range(8))]
-        theirs = [t for t, _ in zip(generate_step(prompt, reference, max_tokens=8), range(8))]
-        assert [int(t) for t, _ in ours] == [int(t) for t, _ in theirs]
-    finally:
-        restore()
+    layers.checkpoint_blocks(model)
+    layers.checkpoint_blocks(model)  # (twice is once)
+    assert type(model.layers[0]).checkpointed and type(model.layers[0]).__mro__[1] is type(reference.layers[0])
+    assert not hasattr(type(reference.layers[0]), "checkpointed")
+    assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+    model.eval()
+    reference.eval()
+    prompt = mx.array([5, 7, 11, 13])
+    ours = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8), range(8))]
+    theirs = [t for t, _ in zip(generate_step(prompt, reference, max_tokens=8), range(8))]
+    assert [int(t) for t, _ in ours] == [int(t) for t, _ in theirs]

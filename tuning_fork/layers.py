@@ -175,29 +175,28 @@ def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
     return counts
 
 
-def checkpoint_blocks(model):
-    """Recompute each block's activations in the backward pass (schedule.grad_checkpoint): its class's call goes
-    through mx.checkpoint in training mode; in eval mode (sampling, validation) it runs plainly. Returns a
-    function that puts the class's own call back."""
-    cls = type(model.layers[0])
-    call = cls.__call__
-    if getattr(call, "checkpointed", False):
-        return lambda: None
+@functools.cache
+def _checkpointed(cls):
+    """A subclass of a block class whose call goes through mx.checkpoint in training mode."""
 
-    def checkpointed(self, x, *args, **kwargs):
+    def __call__(self, x, *args, **kwargs):
         if not self.training:  # sampling with a KV cache through mx.checkpoint crawled on CUDA (GRPO, session 6)
-            return call(self, x, *args, **kwargs)
+            return cls.__call__(self, x, *args, **kwargs)
 
         def inner(params, x):
             self.update(params)
-            return call(self, x, *args, **kwargs)
+            return cls.__call__(self, x, *args, **kwargs)
 
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
-    checkpointed.checkpointed = True
-    cls.__call__ = checkpointed
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "checkpointed": True})
 
-    def restore():
-        cls.__call__ = call
 
-    return restore
+def checkpoint_blocks(model) -> None:
+    """Recompute each block's activations in the backward pass (schedule.grad_checkpoint): this model's blocks
+    become a subclass whose call goes through mx.checkpoint in training mode; in eval mode (sampling,
+    validation) they run plainly. Other models of the same class are untouched (mlx-lm's wrapper patches the
+    class itself)."""
+    for block in model.layers:
+        if not getattr(type(block), "checkpointed", False):
+            block.__class__ = _checkpointed(type(block))
