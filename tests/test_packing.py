@@ -104,10 +104,11 @@ def test_packed_and_unpacked_training_reach_the_same_validation_loss(tmp_path):
     assert packed["val_loss"] == pytest.approx(unpacked["val_loss"], rel=0.1), (packed, unpacked)
 
 
-@pytest.mark.parametrize("tied", [False, True, "biased"])
+@pytest.mark.parametrize("tied", [False, True, "biased", "frozen", "frozen_untied"])
 def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tied):
     """The chunked loss (for 128k vocabularies) against the plain one, for a trained head (full) too: its
-    own VJP for a plain head (untied, tied), recomputed checkpoints for any other (a head with a bias)."""
+    own VJP for a plain head (untied, tied), recomputed checkpoints for any other (a head with a bias); with
+    a frozen head (LoRA's case) the gradient computed beside the loss (step.eager_cross_entropy)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -117,20 +118,48 @@ def test_chunked_cross_entropy_gives_the_same_loss_and_gradients(tied):
 
     args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97,
-                           tie_word_embeddings=tied is True)
+                           tie_word_embeddings=tied in (True, "frozen"))
     mx.random.seed(0)
     model = llama.Model(args)
     if tied == "biased":
         model.lm_head = nn.Linear(32, 97, bias=True)
+    if str(tied).startswith("frozen"):
+        (model.lm_head if tied == "frozen_untied" else model.model.embed_tokens).freeze()
+        model.train()
     tokens = mx.random.randint(0, 97, (3, 41))
     mask = mx.random.uniform(shape=(3, 40)) > 0.3
     plain = nn.value_and_grad(model, lambda m, *b: loss(m, *b)[0])(model, tokens, mask)
     chunked = nn.value_and_grad(model, lambda m, *b: loss(m, *b, chunk=16)[0])(model, tokens, mask)
     assert chunked[0].item() == pytest.approx(plain[0].item(), rel=1e-5)
     a, b = dict(tree_flatten(plain[1])), dict(tree_flatten(chunked[1]))
-    assert a.keys() == b.keys() and "model.embed_tokens.weight" in a
+    assert a.keys() == b.keys() and ("model.embed_tokens.weight" in a) == (tied != "frozen")
     for k in a:
         assert mx.allclose(a[k], b[k], rtol=1e-4, atol=1e-6).item(), k
+
+
+def test_the_eager_cross_entropy_equals_the_plain_one_and_its_gradient():
+    """step.eager_cross_entropy against mx's: the loss, and the gradient with respect to the hidden states,
+    scaled by the cotangent (the mean over targets), in float32 and in bf16."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from tuning_fork.step import eager_cross_entropy
+
+    mx.random.seed(3)
+    for dtype, tol in ((mx.float32, 1e-5), (mx.bfloat16, 2e-2)):
+        h = mx.random.normal((37, 16)).astype(dtype)
+        w = (0.3 * mx.random.normal((101, 16))).astype(dtype)
+        t = mx.random.randint(0, 101, (37,))
+        m = (mx.random.uniform(shape=(37,)) > 0.3).astype(mx.float32)
+
+        def plain(h):
+            ce = nn.losses.cross_entropy((h @ w.T).astype(mx.float32), t) * m
+            return ce.sum() / m.sum()
+
+        value, grad = mx.value_and_grad(plain)(h)
+        ours, ours_grad = mx.value_and_grad(lambda h: eager_cross_entropy(8)(h, w, t, m)[0] / m.sum())(h)
+        assert ours.item() == pytest.approx(value.item(), rel=tol)
+        assert mx.allclose(ours_grad.astype(mx.float32), grad.astype(mx.float32), rtol=tol, atol=tol * 1e-2).item()
 
 
 def test_rows_are_padded_so_the_models_input_width_is_a_multiple():

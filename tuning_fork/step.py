@@ -54,7 +54,7 @@ def loss(model, tokens, mask, segments=None, chunk: int | None = None):
     head = output_head(model) if chunk else None
     if head is not None:
         hidden = model.model(inputs, cache=cache)
-        return chunked_cross_entropy(head, hidden, targets, mask, chunk) / denominator, ntoks
+        return chunked_cross_entropy(head, hidden, targets, mask, chunk, model.training) / denominator, ntoks
     logits = model(inputs, cache=cache)
     ce = nn.losses.cross_entropy(logits, targets) * mask
     return ce.astype(mx.float32).sum() / denominator, ntoks
@@ -83,20 +83,23 @@ def output_head(model):
     return model.model.embed_tokens
 
 
-def chunked_cross_entropy(head, hidden, targets, mask, chunk: int):
+def chunked_cross_entropy(head, hidden, targets, mask, chunk: int, training: bool = True):
     """The summed cross-entropy, `chunk` positions at a time, so that the (positions x vocabulary) logits
     never exist at once. A plain head (a Linear without bias, or a tied Embedding) gets a cross-entropy with
-    its own VJP (lse_cross_entropy: it keeps only each position's log-sum-exp and recomputes a chunk's
-    logits in the backward pass); any other head (quantized, say) recomputes each chunk's logits through
-    nn.utils.checkpoint. Either way the head's weights get their gradient when they train."""
+    its own VJP: while training with the head frozen (LoRA), eager_cross_entropy (the gradient computed with
+    the loss, nothing recomputed); otherwise lse_cross_entropy (it keeps only each position's log-sum-exp and
+    recomputes a chunk's logits in the backward pass). Any other head (quantized, say) recomputes each
+    chunk's logits through nn.utils.checkpoint. Either way the head's weights get their gradient when they
+    train."""
     import mlx.core as mx
     import mlx.nn as nn
 
     plain = type(head) in (nn.Linear, nn.Embedding) and "bias" not in head
     if plain:
         n = hidden.shape[0] * hidden.shape[1]
-        return lse_cross_entropy(chunk)(hidden.reshape(n, -1), head.weight, targets.reshape(n),
-                                        mask.reshape(n).astype(mx.float32))[0]
+        frozen = "weight" not in head.trainable_parameters()
+        f = eager_cross_entropy(chunk) if training and frozen else lse_cross_entropy(chunk)
+        return f(hidden.reshape(n, -1), head.weight, targets.reshape(n), mask.reshape(n).astype(mx.float32))[0]
     project = head.as_linear if isinstance(head, nn.Embedding) else head
 
     def piece(t, m):  # targets and mask are constants of the checkpointed function: no gradient for them
@@ -147,6 +150,36 @@ def lse_cross_entropy(chunk: int):
             dh.append(d @ w)
             dw = dw + (d.T @ h[a:b]).astype(mx.float32)
         return mx.concatenate(dh), dw.astype(w.dtype), mx.zeros_like(t), mx.zeros_like(m)
+
+    return f
+
+
+def eager_cross_entropy(chunk: int):
+    """f(h, w, t, m) -> (sum of m * (logsumexp(h w^T) - (h w^T)[t]), its gradient with respect to h), for a head w
+    that does not train: each chunk's logits are computed once, and the gradient (softmax - onehot(t)) w,
+    weighted by m, beside the loss, so the backward pass only scales it by the loss's cotangent (Liger-Kernel's
+    fused linear cross-entropy does the same). It keeps (n, d) numbers, not (n, V), and recomputes nothing.
+    w gets a zero gradient: use lse_cross_entropy where it trains."""
+    import mlx.core as mx
+
+    @mx.custom_function
+    def f(h, w, t, m):
+        total, grads = mx.array(0.0), []
+        for a in range(0, h.shape[0], chunk):
+            b = min(h.shape[0], a + chunk)
+            x = h[a:b] if not grads else mx.depends(h[a:b], grads[-1])  # chunk by chunk (lse_cross_entropy)
+            logits = (x @ w.T).astype(mx.float32)
+            lse = mx.logsumexp(logits, axis=-1)
+            picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
+            total = total + ((lse - picked) * m[a:b]).sum()
+            d = mx.exp(logits - lse[:, None]) - (mx.arange(w.shape[0])[None] == t[a:b, None])
+            grads.append((d * m[a:b, None]).astype(h.dtype) @ w)
+        return total, mx.concatenate(grads)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        h, w, t, m = primals
+        return (cotangents[0] * outputs[1]).astype(h.dtype), mx.zeros_like(w), mx.zeros_like(t), mx.zeros_like(m)
 
     return f
 
