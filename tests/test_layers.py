@@ -3,7 +3,8 @@
 import pytest
 
 
-def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropout: float = 0.0, seed: int = 0):
+def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropout: float = 0.0, seed: int = 0,
+             keys: list | None = None, **extra):
     """A small random model of an mlx-lm family with LoRA rank 8 on every linear; trained-looking (nonzero) B."""
     import importlib
 
@@ -19,7 +20,7 @@ def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropo
     mx.random.seed(seed)
     args = dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=101, rms_norm_eps=1e-5, rope_theta=1e4,
-                tie_word_embeddings=True, max_position_embeddings=256)
+                tie_word_embeddings=True, max_position_embeddings=256, **extra)
     module = importlib.import_module(f"mlx_lm.models.{family}")
     known = module.ModelArgs.__dataclass_fields__
     model = module.Model(module.ModelArgs(**{k: v for k, v in args.items() if k in known}))
@@ -27,7 +28,7 @@ def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropo
     if quantized:
         nn.quantize(model, group_size=32, bits=4)
     model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 2.0, "dropout": dropout})
+    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 2.0, "dropout": dropout, **({"keys": keys} if keys else {})})
     model.update(tree_map(lambda w: 0.05 * mx.random.normal(w.shape), model.trainable_parameters()))
     mx.eval(model.parameters())
     return model
@@ -52,7 +53,7 @@ def assert_close(plain, lean, rtol, atol):
     import mlx.core as mx
 
     assert lean[0] == pytest.approx(plain[0], rel=rtol)
-    assert plain[1].keys() == lean[1].keys() and any("mlp.down_proj.lora_b" in k for k in plain[1])
+    assert plain[1].keys() == lean[1].keys() and any(".mlp." in k and "lora_b" in k for k in plain[1])
     for k in plain[1]:
         a, b = plain[1][k].astype(mx.float32), lean[1][k].astype(mx.float32)
         scale = mx.abs(a).max().item()
@@ -66,6 +67,20 @@ def test_lean_layers_give_the_same_loss_and_gradients_in_float32(family):
     plain = loss_and_grads(model_of(family))
     model = model_of(family)
     assert layers.lean(model, mlps=True) == {"lora": 14, "mlp": 2}
+    assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys,bias", [(["mlp.down_proj", "self_attn.q_proj"], False),
+                                       (["mlp.gate_proj"], True)])
+def test_lean_mlps_with_lora_on_some_projections_and_biases(keys, bias):
+    """adapter.keys may leave some of the MLP's projections frozen, and an MLP may have biases (mlp_bias)."""
+    from tuning_fork import layers
+
+    plain = loss_and_grads(model_of("llama", keys=keys, mlp_bias=bias))
+    model = model_of("llama", keys=keys, mlp_bias=bias)
+    assert layers.lean(model, mlps=True)["mlp"] == 2
+    down = model.layers[0].mlp.down_proj
+    assert ("bias" in getattr(down, "linear", down)) == bias
     assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
 
 
