@@ -33,17 +33,16 @@ import_tuner()  # (mlx_lm.tuner without its W&B import)
 from mlx_lm.tuner.lora import LoRALinear as _LoRALinear  # noqa: E402
 
 
+def _lora(x, a, b, scale):
+    """scale · x a b with the low-rank matrices cast to x's dtype."""
+    return (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
+
+
 class LoRALinear(_LoRALinear):
     """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept)."""
 
     def __call__(self, x):
-        y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ (self.scale * self.lora_b).astype(x.dtype)
-        return y + z
-
-
-def _base(linear, x):
-    return linear(x)
+        return self.linear(x) + _lora(self.dropout(x), self.lora_a, self.lora_b, self.scale)
 
 
 def _base_input_grad(linear, dy):
@@ -61,8 +60,17 @@ def _parts(layer):
     return layer, None, None, 0.0
 
 
-def _lora(x, a, b, scale):
-    return (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
+def _project_grads(part, x, d):
+    """For y = linear(x) (+ scale · x a b) and dL/dy = d: (dL/dx, [dL/da, dL/db] or [] for a frozen linear)."""
+    linear, a, b, scale = part
+    dx = _base_input_grad(linear, d)
+    if a is None:
+        return dx, []
+    a_, b_ = a.astype(d.dtype), (scale * b).astype(d.dtype)
+    xs, ds = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
+    db = ds @ b_.T
+    grads = [(xs.T @ db).astype(a.dtype), (scale * ((xs @ a_).T @ ds)).astype(b.dtype)]
+    return dx + (db @ a_.T).reshape(dx.shape), grads
 
 
 class SwiGLU(nn.Module):
@@ -86,8 +94,7 @@ def mlp(gate_proj, up_proj, down_proj, x):
 
     def project(i, h):
         linear, a, b, scale = layers[i]
-        y = _base(linear, h)
-        return y if a is None else y + _lora(h, a, b, scale)
+        return linear(h) if a is None else linear(h) + _lora(h, a, b, scale)
 
     @mx.custom_function
     def f(x, *weights):
@@ -96,39 +103,14 @@ def mlp(gate_proj, up_proj, down_proj, x):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        x = primals[0]
-        dy = cotangents[0]
+        x, dy = primals[0], cotangents[0]
         g, u = outputs[1:3]
         sig = mx.sigmoid(g)
         silu = g * sig
-        h = silu * u
-        grads = {}
-        linear, a, b, scale = layers[2]
-        dh = _base_input_grad(linear, dy)
-        if a is not None:
-            a_, b_ = a.astype(dy.dtype), (scale * b).astype(dy.dtype)
-            ha, dyb = h @ a_, dy @ b_.T
-            grads[2] = ((h.reshape(-1, h.shape[-1]).T @ dyb.reshape(-1, dyb.shape[-1])).astype(a.dtype),
-                        (scale * (ha.reshape(-1, ha.shape[-1]).T @ dy.reshape(-1, dy.shape[-1]))).astype(b.dtype))
-            dh = dh + dyb @ a_.T
-        dg = dh * u * sig * (1 + g * (1 - sig))
-        du = dh * silu
-        dx = None
-        for i, d in ((0, dg), (1, du)):
-            linear, a, b, scale = layers[i]
-            part = _base_input_grad(linear, d)
-            if a is not None:
-                a_, b_ = a.astype(d.dtype), (scale * b).astype(d.dtype)
-                xa, db = x @ a_, d @ b_.T
-                grads[i] = ((x.reshape(-1, x.shape[-1]).T @ db.reshape(-1, db.shape[-1])).astype(a.dtype),
-                            (scale * (xa.reshape(-1, xa.shape[-1]).T @ d.reshape(-1, d.shape[-1]))).astype(b.dtype))
-                part = part + db @ a_.T
-            dx = part if dx is None else dx + part
-        out = [dx]
-        for i in range(3):
-            if i in grads:
-                out += list(grads[i])
-        return tuple(out)
+        dh, down = _project_grads(layers[2], silu * u, dy)
+        dx_gate, gate = _project_grads(layers[0], x, dh * u * sig * (1 + g * (1 - sig)))
+        dx_up, up = _project_grads(layers[1], x, dh * silu)
+        return (dx_gate + dx_up, *gate, *up, *down)
 
     return f(x, *trainable)[0]
 
@@ -167,9 +149,9 @@ def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
         if type(module) is _LoRALinear:
             module.__class__ = LoRALinear
             counts["lora"] += 1
-    for _, module in model.named_modules():
+    for _, module in model.named_modules() if mlps else ():
         for name, child in module.children().items():
-            if mlps and isinstance(child, nn.Module) and _replaceable(child, dropout):
+            if isinstance(child, nn.Module) and _replaceable(child, dropout):
                 setattr(module, name, SwiGLU(child))
                 counts["mlp"] += 1
     return counts

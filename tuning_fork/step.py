@@ -112,6 +112,17 @@ def chunked_cross_entropy(head, hidden, targets, mask, chunk: int, training: boo
     return total
 
 
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
+
+
+def _in_order(x, previous):
+    """x, once `previous` is computed: chunk by chunk, where MLX would be free to hold every chunk's logits at once."""
+    import mlx.core as mx
+
+    return x if previous is None else mx.depends(x, previous)
+
+
 def lse_cross_entropy(chunk: int):
     """f(h, w, t, m) -> (sum of m * (logsumexp(h w^T) - (h w^T)[t]), the log-sum-exp of each position), with
     a VJP that recomputes each chunk's logits from h and w and the saved log-sum-exp: d logits = softmax -
@@ -120,17 +131,11 @@ def lse_cross_entropy(chunk: int):
     m: (n,) float weights."""
     import mlx.core as mx
 
-    def chunks(n):
-        return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
-
-    def after(x, previous):  # chunk by chunk: MLX would otherwise be free to hold every chunk's logits at once
-        return x if previous is None else mx.depends(x, previous)
-
     @mx.custom_function
     def f(h, w, t, m):
         total, lses = mx.array(0.0), []
-        for a, b in chunks(h.shape[0]):
-            logits = (after(h[a:b], lses[-1] if lses else None) @ w.T).astype(mx.float32)
+        for a, b in _spans(h.shape[0], chunk):
+            logits = (_in_order(h[a:b], lses[-1] if lses else None) @ w.T).astype(mx.float32)
             lse = mx.logsumexp(logits, axis=-1)
             picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
             total = total + ((lse - picked) * m[a:b]).sum()
@@ -142,8 +147,8 @@ def lse_cross_entropy(chunk: int):
         h, w, t, m = primals
         g, lse = cotangents[0], outputs[1]
         dh, dw = [], mx.zeros(w.shape, mx.float32)
-        for a, b in chunks(h.shape[0]):
-            logits = (after(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
+        for a, b in _spans(h.shape[0], chunk):
+            logits = (_in_order(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
             d = mx.exp(logits - lse[a:b, None])
             d = d - (mx.arange(w.shape[0])[None] == t[a:b, None])
             d = (d * (m[a:b] * g)[:, None]).astype(h.dtype)
@@ -165,10 +170,8 @@ def eager_cross_entropy(chunk: int):
     @mx.custom_function
     def f(h, w, t, m):
         total, grads = mx.array(0.0), []
-        for a in range(0, h.shape[0], chunk):
-            b = min(h.shape[0], a + chunk)
-            x = h[a:b] if not grads else mx.depends(h[a:b], grads[-1])  # chunk by chunk (lse_cross_entropy)
-            logits = (x @ w.T).astype(mx.float32)
+        for a, b in _spans(h.shape[0], chunk):
+            logits = (_in_order(h[a:b], grads[-1] if grads else None) @ w.T).astype(mx.float32)
             lse = mx.logsumexp(logits, axis=-1)
             picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
             total = total + ((lse - picked) * m[a:b]).sum()
@@ -205,17 +208,11 @@ def chunked_logps(chunk: int):
     each chunk's logits: d logits = g (onehot(t) - softmax). The per-token sibling of lse_cross_entropy."""
     import mlx.core as mx
 
-    def after(x, previous):
-        return x if previous is None else mx.depends(x, previous)
-
-    def spans(n):
-        return [(i, min(n, i + chunk)) for i in range(0, n, chunk)]
-
     @mx.custom_function
     def f(h, w, t):
         out = []
-        for a, b in spans(h.shape[0]):
-            logits = (after(h[a:b], out[-1] if out else None) @ w.T).astype(mx.float32)
+        for a, b in _spans(h.shape[0], chunk):
+            logits = (_in_order(h[a:b], out[-1] if out else None) @ w.T).astype(mx.float32)
             out.append(mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1))
         return (mx.concatenate(out),)
 
@@ -224,8 +221,8 @@ def chunked_logps(chunk: int):
         h, w, t = primals
         g = cotangents[0]
         dh, dw = [], mx.zeros(w.shape, mx.float32)
-        for a, b in spans(h.shape[0]):
-            logits = (after(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
+        for a, b in _spans(h.shape[0], chunk):
+            logits = (_in_order(h[a:b], dh[-1] if dh else None) @ w.T).astype(mx.float32)
             d = (mx.arange(w.shape[0])[None] == t[a:b, None]) - mx.softmax(logits, axis=-1)
             d = (d * g[a:b, None]).astype(h.dtype)
             dh.append(d @ w)

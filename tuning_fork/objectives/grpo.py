@@ -213,8 +213,8 @@ class GRPO:
         fields = {k: [p.fields.get(k) for p in owners] for k in {k for p in prompts for k in p.fields}}
         total, per = rewards.score(self.rewards, [p.prompt for p in owners], shown, fields)
         r = np.array(total, np.float64).reshape(len(prompts), G)
-        scale = self.o.get("scale_rewards")
-        advantages = advantage(r, str(self.o.loss_type), None if scale is None else str(scale)).reshape(-1)
+        scale = self.o.scale_rewards
+        advantages = advantage(r, str(self.o.loss_type), scale and str(scale)).reshape(-1)
         rows = [(np.concatenate([p.ids, np.array(c, np.int32)]), ((len(p.ids), len(p.ids) + len(c)),))
                 for p, c in zip(owners, completions)]
         tokens, mask = data.collate(rows, self.cfg.data.max_seq_length)
