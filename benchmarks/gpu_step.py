@@ -93,7 +93,7 @@ def main():
     if variant == "plain":
         variant, flags = "tuning_fork", flags + ["plain"]
     if set(flags) - {"ckpt", "plain", "nomlp"} or flags and variant == "mlx_lm":
-        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt, +plain (not for mlx_lm)")
+        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt, +plain, +nomlp (not for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
