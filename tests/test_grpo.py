@@ -53,13 +53,24 @@ class Fixed:
         return Logits()
 
 
-def objective(loss_type, beta=0.0, mu=1, epsilon=0.2):
+def objective(loss_type, beta=0.0, mu=1, epsilon=0.2, *more):
     from tuning_fork.objectives.grpo import GRPO
 
     cfg = compose_cfg("objective=grpo", f"objective.loss_type={loss_type}", f"objective.beta={beta}",
                       f"objective.iterations_per_batch={mu}", f"objective.epsilon={epsilon}", "objective.max_tokens=4",
-                      "+objective.rewards=[{_target_: tuning_fork.rewards.length, target: 3}]")
+                      "+objective.rewards=[{_target_: tuning_fork.rewards.length, target: 3}]", *more)
     return GRPO(cfg)
+
+
+def test_the_configured_scale_rewards_reaches_the_advantages():
+    r = np.array([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 0.0, 2.0]])
+    for loss_type, scale in (("grpo", None), ("grpo", "none"), ("grpo", "batch"), ("dr_grpo", None),
+                             ("dr_grpo", "group")):
+        setting = [] if scale is None else [f"objective.scale_rewards={scale}"]
+        ours = objective(loss_type, 0.0, 1, 0.2, *setting).advantages(r)
+        assert ours == pytest.approx(advantage(r, loss_type, scale)), (loss_type, scale)
+    assert not np.allclose(objective("grpo", 0.0, 1, 0.2, "objective.scale_rewards=batch").advantages(r),
+                           objective("grpo").advantages(r))
 
 
 def log_softmax(x):

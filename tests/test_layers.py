@@ -114,6 +114,11 @@ def test_lean_layers_in_bfloat16_match_within_its_precision_and_save_memory():
     lean, lean_peak = peak(model)
     assert_close(plain, lean, rtol=2e-2, atol=5e-2)
     assert lean_peak < 0.85 * plain_peak, (lean_peak, plain_peak)
+    cast_only = model_of("llama", "bfloat16")
+    layers.lean(cast_only, mlps=False)  # the LoRA branches in bf16 alone: no float32 copies of their inputs
+    cast, cast_peak = peak(cast_only)
+    assert_close(plain, cast, rtol=2e-2, atol=5e-2)
+    assert lean_peak < cast_peak < 0.9 * plain_peak, (lean_peak, cast_peak, plain_peak)
     checkpointed = model_of("llama", "bfloat16")
     layers.checkpoint_blocks(checkpointed)  # each block keeps its input alone
     again, again_peak = peak(checkpointed)
@@ -138,7 +143,7 @@ def test_lean_leaves_what_it_cannot_replace():
     assert all(type(m) is not LoRALinear for _, m in gemma.named_modules())
 
 
-def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
+def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly(monkeypatch):
     """schedule.grad_checkpoint: the same loss and gradients; in eval mode a block runs without mx.checkpoint,
     so sampling with a KV cache (GRPO's rollouts) is the plain model's; other models of the class are untouched."""
     import mlx.core as mx
@@ -154,10 +159,15 @@ def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly():
     layers.checkpoint_blocks(model)  # (twice is once)
     assert type(model.layers[0]).checkpointed and type(model.layers[0]).__mro__[1] is type(reference.layers[0])
     assert not hasattr(type(reference.layers[0]), "checkpointed")
+    calls = []
+    real = layers.mx.checkpoint
+    monkeypatch.setattr(layers.mx, "checkpoint", lambda fn: calls.append(fn) or real(fn))  # counts, then the real one
     assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2  # each block, while training
     model.eval()
     reference.eval()
     prompt = mx.array([5, 7, 11, 13])
     ours = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8), range(8))]
     theirs = [t for t, _ in zip(generate_step(prompt, reference, max_tokens=8), range(8))]
     assert [int(t) for t, _ in ours] == [int(t) for t, _ in theirs]
+    assert len(calls) == 2  # sampling never went through mx.checkpoint

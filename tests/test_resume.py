@@ -216,3 +216,14 @@ def test_the_first_signal_asks_to_stop_and_the_second_stops_at_once():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.stdout == "asked\n" and proc.returncode == 128 + signal.SIGINT, (proc.stdout, proc.stderr)
     assert "stopped at once" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_but_a_changed_setting_is_refused(tmp_path):
+    """A key newer than the saved run (schedule.lean_layers, say) is not a difference; a changed one is."""
+    from tuning_fork.checkpoint import check_same_config
+    from tuning_fork.errors import ConfigError
+
+    saved = {"schedule": {"batch_size": 4}, "adapter": {"rank": 8}}
+    check_same_config(saved, {"schedule": {"batch_size": 4, "lean_layers": True}, "adapter": {"rank": 8}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"schedule\.batch_size=8"):
+        check_same_config(saved, {"schedule": {"batch_size": 8, "lean_layers": True}, "adapter": {"rank": 8}}, tmp_path)

@@ -213,8 +213,7 @@ class GRPO:
         fields = {k: [p.fields.get(k) for p in owners] for k in {k for p in prompts for k in p.fields}}
         total, per = rewards.score(self.rewards, [p.prompt for p in owners], shown, fields)
         r = np.array(total, np.float64).reshape(len(prompts), G)
-        scale = self.o.scale_rewards
-        advantages = advantage(r, str(self.o.loss_type), scale and str(scale)).reshape(-1)
+        advantages = self.advantages(r).reshape(-1)
         rows = [(np.concatenate([p.ids, np.array(c, np.int32)]), ((len(p.ids), len(p.ids) + len(c)),))
                 for p, c in zip(owners, completions)]
         tokens, mask = data.collate(rows, self.cfg.data.max_seq_length)
@@ -231,6 +230,11 @@ class GRPO:
         return (tokens, mask, mx.array(advantages, mx.float32), old, ref, mx.array(np.array(total, np.float32)),
                 mx.array(per_reward), mx.array(np.array([len(c) for c in completions], np.float32)),
                 mx.array(np.float32(seconds)))
+
+    def advantages(self, rewards: np.ndarray) -> np.ndarray:
+        """`advantage` under this run's loss_type and scale_rewards."""
+        scale = self.o.scale_rewards
+        return advantage(rewards, str(self.o.loss_type), scale and str(scale))
 
     def token_logps(self, tokens):
         """log π(token) at every position, under the model as it is, with no gradient."""
