@@ -13,8 +13,9 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
                 (step.reduce_gradients) on the default stream, instead of mlx's average_gradients
   streamed[MB]  the same, the all-reduces on a stream of their own, beside the backward pass (what
                 schedule.reduce_bucket_mb=MB does on a GPU)
-Any variant but mlx_lm takes `+ckpt` (schedule.grad_checkpoint=true: each block recomputed in the backward pass)
-and `+plain` (no lean layers), e.g. `tuning_fork+ckpt`, `chunked128+ckpt`.
+Any variant but mlx_lm takes `+ckpt` (schedule.grad_checkpoint=true: each block recomputed in the backward pass),
+`+ckptattn` / `+ckptmlp` (schedule.checkpoint_part=attention / mlp: that half of each block only), `+plain` (no
+lean layers) and `+nomlp` (no SwiGLU VJP), e.g. `tuning_fork+ckpt`, `chunked128+ckptmlp`.
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -92,8 +93,9 @@ def main():
     variant, *flags = variant.split("+")
     if variant == "plain":
         variant, flags = "tuning_fork", flags + ["plain"]
-    if set(flags) - {"ckpt", "plain", "nomlp"} or flags and variant == "mlx_lm":
-        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt, +plain, +nomlp (not for mlx_lm)")
+    parts = {"ckpt": "block", "ckptattn": "attention", "ckptmlp": "mlp"}
+    if set(flags) - {"plain", "nomlp", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
+        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp (not for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
@@ -138,8 +140,9 @@ def main():
             from tuning_fork.layers import lean
 
             lean(model, mlps=False if "nomlp" in flags else None)  # (None: as the CLI, the MLPs on a GPU only)
-        step, state = make_step(model, opt, 1, grad_checkpoint="ckpt" in flags, loss_chunk=chunk, bucket_mb=bucket,
-                                comm_stream=stream)
+        part = next((parts[f] for f in flags if f in parts), None)
+        step, state = make_step(model, opt, 1, grad_checkpoint=part is not None, loss_chunk=chunk, bucket_mb=bucket,
+                                comm_stream=stream, checkpoint_part=part or "block")
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):
             import numpy as np

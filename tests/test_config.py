@@ -88,6 +88,9 @@ def test_a_fixed_choice_mistyped_fails_at_composition_listing_the_choices(overri
     ("schedule.epochs=null,schedule.iters=0", "schedule.iters"),
     ("adapter.rank=0", "adapter.rank"),
     ("adapter.dropout=1.5", "adapter.dropout"),
+    ("schedule.grad_checkpoint=true,schedule.checkpoint_layers=0", "schedule.checkpoint_layers"),
+    ("schedule.checkpoint_part=mlp", "schedule.checkpoint_part"),  # (without grad_checkpoint it would do nothing)
+    ("schedule.checkpoint_layers=4", "schedule.checkpoint_layers"),
 ])
 def test_range_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

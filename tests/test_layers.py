@@ -18,9 +18,9 @@ def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropo
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     mx.random.seed(seed)
-    args = dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=101, rms_norm_eps=1e-5, rope_theta=1e4,
-                tie_word_embeddings=True, max_position_embeddings=256, **extra)
+    args = {**dict(model_type=family, hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=101, rms_norm_eps=1e-5, rope_theta=1e4,
+                   tie_word_embeddings=True, max_position_embeddings=256), **extra}
     module = importlib.import_module(f"mlx_lm.models.{family}")
     known = module.ModelArgs.__dataclass_fields__
     model = module.Model(module.ModelArgs(**{k: v for k, v in args.items() if k in known}))
@@ -28,7 +28,7 @@ def model_of(family: str, dtype: str = "float32", quantized: bool = False, dropo
     if quantized:
         nn.quantize(model, group_size=32, bits=4)
     model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 2.0, "dropout": dropout, **({"keys": keys} if keys else {})})
+    linear_to_lora_layers(model, args["num_hidden_layers"], {"rank": 8, "scale": 2.0, "dropout": dropout, **({"keys": keys} if keys else {})})
     model.update(tree_map(lambda w: 0.05 * mx.random.normal(w.shape), model.trainable_parameters()))
     mx.eval(model.parameters())
     return model
@@ -171,3 +171,62 @@ def test_checkpointed_blocks_give_the_same_gradients_and_sample_plainly(monkeypa
     theirs = [t for t, _ in zip(generate_step(prompt, reference, max_tokens=8), range(8))]
     assert [int(t) for t, _ in ours] == [int(t) for t, _ in theirs]
     assert len(calls) == 2  # sampling never went through mx.checkpoint
+
+
+def test_checkpointing_a_part_of_each_block_gives_the_same_gradients_with_less_saved():
+    """schedule.checkpoint_part: the attention (through mx.checkpoint), the MLP (our SwiGLU's VJP keeps its input
+    alone and recomputes gate and up) or the whole block; schedule.checkpoint_layers: the first N blocks only.
+    Each gives the plain loss and gradients; what the backward pass keeps falls in the order of what is
+    recomputed (peaks of 6-block bf16 models, the MLP 4x the hidden size as in Llama: the transients of one block
+    matter less)."""
+    import mlx.core as mx
+
+    from tuning_fork import layers
+
+    def run(part=None, count=None):
+        model = model_of("llama", "bfloat16", num_hidden_layers=6, intermediate_size=256)
+        layers.lean(model, mlps=True)
+        checkpointed = layers.checkpoint_blocks(model, part, count) if part else 0
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out = loss_and_grads(model, rows=16, width=64)
+        return model, checkpointed, out, mx.get_peak_memory() - before
+
+    _, _, lean, lean_peak = run()
+    peaks = {}
+    for part in ("attention", "mlp", "block"):
+        model, count, out, peaks[part] = run(part)
+        assert count == 6
+        assert_close(lean, out, rtol=1e-5, atol=1e-5)  # (recomputed in the same bf16: the same numbers)
+    assert type(model.layers[0]).checkpointed
+    assert peaks["block"] < min(peaks["mlp"], peaks["attention"]) and max(peaks.values()) < 0.9 * lean_peak, (peaks,
+                                                                                                   lean_peak)
+    model, count, out, two_peak = run("mlp", 2)
+    assert count == 2 and [m.recompute for m in (b.mlp for b in model.layers)] == [True] * 2 + [False] * 4
+    assert_close(lean, out, rtol=1e-5, atol=1e-5)
+    assert peaks["mlp"] < two_peak < lean_peak, (peaks["mlp"], two_peak, lean_peak)
+    model, count, _, _ = run("attention", 1)
+    assert [hasattr(type(b.self_attn), "checkpointed") for b in model.layers] == [True] + [False] * 5
+
+
+def test_checkpointing_an_mlp_that_is_not_ours_and_a_block_without_the_part():
+    """An MLP our layers leave alone (gemma's GELU) goes through mx.checkpoint; a block without attention (mamba's)
+    is a one-line ConfigError naming the key."""
+    import importlib
+
+    from tuning_fork import layers
+    from tuning_fork.errors import ConfigError
+
+    plain = loss_and_grads(model_of("gemma"))
+    gemma = model_of("gemma")
+    layers.lean(gemma, mlps=True)
+    assert layers.checkpoint_blocks(gemma, "mlp") == 2 and type(gemma.layers[0].mlp).checkpointed
+    assert_close(plain, loss_and_grads(gemma), rtol=1e-5, atol=1e-5)
+    mamba = importlib.import_module("mlx_lm.models.mamba")
+    model = mamba.Model(mamba.ModelArgs(model_type="mamba", vocab_size=50, hidden_size=16, intermediate_size=32,
+                                        state_size=4, num_hidden_layers=2, conv_kernel=4, use_bias=False,
+                                        use_conv_bias=True, time_step_rank=4))
+    with pytest.raises(ConfigError, match=r"schedule\.checkpoint_part=attention: .*no self_attn or attention or attn"):
+        layers.checkpoint_blocks(model, "attention")

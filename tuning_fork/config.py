@@ -48,6 +48,7 @@ Reasoning = choice("Reasoning", "keep", "drop")
 MaskMismatch = choice("MaskMismatch", "error", "skip")
 Decay = choice("Decay", "cosine", "linear", "constant")
 StageApp = choice("StageApp", "train", "export", "evaluate")
+CheckpointPart = choice("CheckpointPart", "block", "attention", "mlp")
 
 
 @dataclass
@@ -152,7 +153,10 @@ class ScheduleConfig:
     optimizer_args: Dict[str, Any] = field(default_factory=dict)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     grad_accumulation_steps: int = 1
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, slower steps
+    checkpoint_part: CheckpointPart = CheckpointPart.block  # with grad_checkpoint: what is recomputed: the whole
+    #                                 block, or only its attention or its MLP (less saved, less slowed)
+    checkpoint_layers: Optional[int] = None  # with grad_checkpoint: the first N blocks only; null: all of them
     lean_layers: bool = True  # LoRA branches in the model's precision and SwiGLU MLPs with their own VJP: the same
     #                           losses and gradients, fewer saved activations (tuning_fork/layers.py, BENCHMARKS.md)
     loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
@@ -426,6 +430,7 @@ RANGES = [
     ("schedule.lr_schedule.min_lr", lambda v: v >= 0, "use 0 or a positive learning rate"),
     ("schedule.lr_schedule.min_lr_ratio", lambda v: 0 <= v <= 1, "use a share of the peak rate in [0, 1]"),
     ("schedule.reduce_bucket_mb", lambda v: v >= 0, "use 0 (mlx's all-reduce) or a bucket size in MB"),
+    ("schedule.checkpoint_layers", lambda v: v >= 1, "use at least 1 block, or null for all of them"),
 ]
 
 
@@ -456,7 +461,16 @@ def check(cfg) -> None:
         raise ConfigError(f"model.quantize_bits={cfg.model.quantize_bits!r} is invalid: adapter=full cannot train a "
                           "quantized model: use adapter=qlora, or model.quantize_bits=null")
     check_lr_schedule(cfg.schedule.lr_schedule)
+    check_checkpointing(cfg.schedule)
     check_evaluation(cfg)
+
+
+def check_checkpointing(s) -> None:
+    """checkpoint_part and checkpoint_layers say what grad_checkpoint recomputes: without it they would do nothing."""
+    for key, default in (("checkpoint_part", "block"), ("checkpoint_layers", None)):
+        value = s.get(key, default)
+        if not s.grad_checkpoint and value != default:
+            raise ConfigError(f"schedule.{key}={value} has no effect without schedule.grad_checkpoint=true: set it too")
 
 
 def check_lr_schedule(sc) -> None:

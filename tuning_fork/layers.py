@@ -75,7 +75,10 @@ def _project_grads(part, x, d):
 
 class SwiGLU(nn.Module):
     """An MLP module whose gate_proj, up_proj and down_proj it keeps as its own children (so parameter names and
-    adapter files are unchanged), trained through `mlp`; in eval mode (sampling, validation) the plain path."""
+    adapter files are unchanged), trained through `mlp`; in eval mode (sampling, validation) the plain path.
+    `recompute` (schedule.checkpoint_part=mlp): keep only the input, recompute gate and up in the backward pass."""
+
+    recompute = False
 
     def __init__(self, mlp_module):
         super().__init__()
@@ -83,12 +86,14 @@ class SwiGLU(nn.Module):
 
     def __call__(self, x):
         if self.training:
-            return mlp(self.gate_proj, self.up_proj, self.down_proj, x)
+            return mlp(self.gate_proj, self.up_proj, self.down_proj, x, self.recompute)
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def mlp(gate_proj, up_proj, down_proj, x):
-    """down(silu(gate(x)) * up(x)) with a VJP that keeps x, gate(x) and up(x) only."""
+def mlp(gate_proj, up_proj, down_proj, x, recompute: bool = False):
+    """down(silu(gate(x)) * up(x)) with a VJP that keeps x, gate(x) and up(x) only; with `recompute`, x alone (gate(x)
+    and up(x) are computed again in the backward pass, once its cotangent has arrived: the down projection, which
+    a checkpoint of the whole MLP would also repeat, is not)."""
     layers = [_parts(m) for m in (gate_proj, up_proj, down_proj)]
     trainable = [p for (_, a, b, _) in layers if a is not None for p in (a, b)]
 
@@ -99,12 +104,16 @@ def mlp(gate_proj, up_proj, down_proj, x):
     @mx.custom_function
     def f(x, *weights):
         g, u = project(0, x), project(1, x)
-        return project(2, nn.silu(g) * u), g, u
+        return (project(2, nn.silu(g) * u),) + (() if recompute else (g, u))
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         x, dy = primals[0], cotangents[0]
-        g, u = outputs[1:3]
+        if recompute:
+            later = mx.depends(x, dy)  # (not before the backward pass reaches this MLP)
+            g, u = project(0, later), project(1, later)
+        else:
+            g, u = outputs[1:3]
         sig = mx.sigmoid(g)
         silu = g * sig
         dh, down = _project_grads(layers[2], silu * u, dy)
@@ -159,7 +168,8 @@ def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
 
 @functools.cache
 def _checkpointed(cls):
-    """A subclass of a block class whose call goes through mx.checkpoint in training mode."""
+    """A subclass of a module class (a block, or its attention or MLP) whose call goes through mx.checkpoint in
+    training mode."""
 
     def __call__(self, x, *args, **kwargs):
         if not self.training:  # sampling with a KV cache through mx.checkpoint crawled on CUDA (GRPO, session 6)
@@ -174,11 +184,37 @@ def _checkpointed(cls):
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "checkpointed": True})
 
 
-def checkpoint_blocks(model) -> None:
-    """Recompute each block's activations in the backward pass (schedule.grad_checkpoint): this model's blocks
-    become a subclass whose call goes through mx.checkpoint in training mode; in eval mode (sampling,
-    validation) they run plainly. Other models of the same class are untouched (mlx-lm's wrapper patches the
-    class itself)."""
-    for block in model.layers:
-        if not getattr(type(block), "checkpointed", False):
-            block.__class__ = _checkpointed(type(block))
+ATTENTION = ("self_attn", "attention", "attn")  # what mlx-lm's families call a block's attention and MLP
+MLP = ("mlp", "feed_forward")
+PARTS = ("block", "attention", "mlp")
+
+
+def checkpoint_blocks(model, part: str = "block", layers: int | None = None) -> int:
+    """Recompute activations in the backward pass (schedule.grad_checkpoint): `part` of each of the first `layers`
+    blocks (None: all) keeps only its input, and its call is recomputed in the backward pass. "block": the whole
+    block; "attention" or "mlp": that half alone (its own norm and residual stay plain), for a smaller saving at
+    a smaller cost in speed (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", recompute a part of each block; BENCHMARKS.md has the figures). The modules become a subclass
+    whose call goes through mx.checkpoint in training mode; in eval mode (sampling, validation) they run
+    plainly. Other models of the same class are untouched (mlx-lm's wrapper patches the class itself).
+    Returns how many modules are checkpointed; a model whose blocks have no such part is a ConfigError."""
+    from .errors import ConfigError
+
+    if part not in PARTS:
+        raise ConfigError(f"schedule.checkpoint_part={part}: unknown: use {', '.join(PARTS)}")
+    count = 0
+    for block in list(model.layers)[:layers]:
+        if part == "block":
+            module = block
+        else:
+            names = ATTENTION if part == "attention" else MLP
+            module = next((getattr(block, n) for n in names if isinstance(getattr(block, n, None), nn.Module)), None)
+            if module is None:
+                raise ConfigError(f"schedule.checkpoint_part={part}: this model's blocks ({type(block).__name__}) have "
+                                  f"no {' or '.join(names)} module; use schedule.checkpoint_part=block")
+        if isinstance(module, SwiGLU):  # its own VJP recomputes gate and up alone
+            module.recompute = True
+        elif not getattr(type(module), "checkpointed", False):
+            module.__class__ = _checkpointed(type(module))
+        count += 1
+    return count

@@ -279,10 +279,12 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
 
 
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
-              loss_fn=None, bucket_mb: float = BUCKET_MB, comm_stream=None):
+              loss_fn=None, bucket_mb: float = BUCKET_MB, comm_stream=None, checkpoint_part: str = "block",
+              checkpoint_layers: int | None = None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
     are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight, aux)` is
     the objective's (default: next-token loss); aux is a dict of arrays (its metrics, and "tokens" trained).
+    `grad_checkpoint`: recompute `checkpoint_part` of the first `checkpoint_layers` blocks (layers.checkpoint_blocks).
     Returns (step, state): step(batch, grad, update) -> (loss, weight, aux, grad); evaluate `state` after each."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -291,7 +293,7 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
     if grad_checkpoint:
         from .layers import checkpoint_blocks
 
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, str(checkpoint_part), checkpoint_layers)
     value_and_grad = nn.value_and_grad(model, loss_fn or with_tokens(partial(loss, chunk=loss_chunk)))
     if bucket_mb > 0 and comm_stream is None and mx.default_device() == mx.gpu:
         comm_stream = mx.new_stream(mx.gpu)  # the buckets' all-reduces beside the backward pass (BENCHMARKS.md)

@@ -158,7 +158,8 @@ def prepare_model(run: Run, resume_from: Path | None) -> None:
         models.write_json(run.run_dir / "adapters" / "adapter_config.json", adapter_config)
         write_config(resolved, run.run_dir)
     run.step, run.arrays = make_step(run.model, run.optimizer, s.grad_accumulation_steps, s.grad_checkpoint,
-                                     loss_fn=run.objective.loss, bucket_mb=s.reduce_bucket_mb)
+                                     loss_fn=run.objective.loss, bucket_mb=s.reduce_bucket_mb,
+                                     checkpoint_part=s.checkpoint_part, checkpoint_layers=s.checkpoint_layers)
 
 
 def build_hooks(run: Run, resume_from: Path | None) -> list:
