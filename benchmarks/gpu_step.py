@@ -15,7 +15,7 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
                 schedule.reduce_bucket_mb=MB does on a GPU)
 Any variant but mlx_lm takes `+ckpt` (schedule.grad_checkpoint=true: each block recomputed in the backward pass),
 `+ckptattn` / `+ckptmlp` (schedule.checkpoint_part=attention / mlp: that half of each block only), `+plain` (no
-lean layers) and `+nomlp` (no SwiGLU VJP), e.g. `tuning_fork+ckpt`, `chunked128+ckptmlp`.
+lean layers), `+nomlp` (no SwiGLU VJP) and `+noaddmm` (the LoRA sum as a matmul, then an add), e.g. `tuning_fork+ckpt`, `chunked128+ckptmlp`.
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -94,8 +94,9 @@ def main():
     if variant == "plain":
         variant, flags = "tuning_fork", flags + ["plain"]
     parts = {"ckpt": "block", "ckptattn": "attention", "ckptmlp": "mlp"}
-    if set(flags) - {"plain", "nomlp", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
-        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp (not for mlx_lm)")
+    if set(flags) - {"plain", "nomlp", "noaddmm", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
+        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp, +noaddmm (not "
+                 "for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
@@ -137,8 +138,10 @@ def main():
                 bucket = float(variant[len(kind):] or 8)
                 stream = mx.new_stream(mx.default_device()) if kind == "streamed" else mx.default_stream(mx.default_device())
         if "plain" not in flags:
+            from tuning_fork import layers
             from tuning_fork.layers import lean
 
+            layers.ADDMM = "noaddmm" not in flags
             lean(model, mlps=False if "nomlp" in flags else None)  # (None: as the CLI, the MLPs on a GPU only)
         part = next((parts[f] for f in flags if f in parts), None)
         step, state = make_step(model, opt, 1, grad_checkpoint=part is not None, loss_chunk=chunk, bucket_mb=bucket,

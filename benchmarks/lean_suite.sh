@@ -18,15 +18,18 @@ peer() { echo "== peer $*" | tee -a "$out/log.txt"
 if [ "$part" = 1b ]; then
   ours benchmarks/gpu_step.py tuning_fork 1b 8 1024
   peer "$root/.device/u/peers.py" unsloth 1b 8 1024
+  ours benchmarks/gpu_step.py tuning_fork+noaddmm 1b 8 1024
+  ours benchmarks/gpu_step.py tuning_fork+ckptattn 1b 8 1024
+  ours benchmarks/gpu_step.py tuning_fork+ckptmlp 1b 8 1024
   ours benchmarks/gpu_step.py chunked256 1b 8 1024
-  ours benchmarks/gpu_step.py plain 1b 8 1024
-  ours benchmarks/gpu_step.py chunked256+ckpt 1b 8 1024
+  ours benchmarks/gpu_step.py chunked256+ckptmlp 1b 8 1024
   ours benchmarks/gpu_step.py mlx_lm 1b 8 1024
 elif [ "$part" = 8b ]; then
   ours benchmarks/gpu_step.py tuning_fork 8b 4 2048
   peer "$root/.device/u/peers.py" unsloth 8b 4 2048
-  ours benchmarks/gpu_step.py chunked256 8b 4 2048
-  ours benchmarks/gpu_step.py chunked256+ckpt 8b 4 2048
+  ours benchmarks/gpu_step.py mlx_lm 8b 4 2048
+  ours benchmarks/gpu_step.py tuning_fork+ckptmlp 8b 4 2048
+  ours benchmarks/gpu_step.py chunked256+ckptattn 8b 4 2048
 elif [ "$part" = grpo ]; then
   ours benchmarks/grpo_step.py 1b 8 8 128 256
   peer "$root/benchmarks/grpo_trl.py" 8 8 128 256 generate

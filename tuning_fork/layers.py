@@ -33,16 +33,21 @@ import_tuner()  # (mlx_lm.tuner without its W&B import)
 from mlx_lm.tuner.lora import LoRALinear as _LoRALinear  # noqa: E402
 
 
-def _lora(x, a, b, scale):
-    """scale · x a b with the low-rank matrices cast to x's dtype."""
-    return (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
+ADDMM = True  # y + x a b as one matmul that adds y (mx.addmm): one pass over y fewer (benchmarks/gpu_step.py +noaddmm)
+
+
+def _lora(y, x, a, b, scale):
+    """y + scale · x a b, the low-rank matrices cast to x's dtype."""
+    if ADDMM:
+        return mx.addmm(y, x @ a.astype(x.dtype), b.astype(x.dtype), alpha=scale)
+    return y + (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
 
 
 class LoRALinear(_LoRALinear):
     """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept)."""
 
     def __call__(self, x):
-        return self.linear(x) + _lora(self.dropout(x), self.lora_a, self.lora_b, self.scale)
+        return _lora(self.linear(x), self.dropout(x), self.lora_a, self.lora_b, self.scale)
 
 
 def _base_input_grad(linear, dy):
@@ -70,6 +75,8 @@ def _project_grads(part, x, d):
     xs, ds = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
     db = ds @ b_.T
     grads = [(xs.T @ db).astype(a.dtype), (scale * ((xs @ a_).T @ ds)).astype(b.dtype)]
+    if ADDMM:
+        return mx.addmm(dx.reshape(-1, dx.shape[-1]), db, a_.T).reshape(dx.shape), grads
     return dx + (db @ a_.T).reshape(dx.shape), grads
 
 
@@ -99,7 +106,7 @@ def mlp(gate_proj, up_proj, down_proj, x, recompute: bool = False):
 
     def project(i, h):
         linear, a, b, scale = layers[i]
-        return linear(h) if a is None else linear(h) + _lora(h, a, b, scale)
+        return linear(h) if a is None else _lora(linear(h), h, a, b, scale)
 
     @mx.custom_function
     def f(x, *weights):
