@@ -24,7 +24,8 @@ tokens/s printed is the global figure. Model FLOPs per token follow the referenc
 prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
-data.collate does) instead of reusing one.
+data.collate does) instead of reusing one. BENCH_STEPS=N times N steps (default 10); BENCH_BARRIER=PREFIX:N waits,
+after the warm-up, until N processes have written PREFIX.<pid> (independent processes timed together, issue 23).
 """
 
 from __future__ import annotations
@@ -167,12 +168,20 @@ def main():
         if os.environ.get("BENCH_VERBOSE"):
             print(f"warm-up step {k}: {time.perf_counter() - tic:.2f} s, peak {mx.get_peak_memory() / 1e9:.2f} GB",
                   flush=True)
+    if os.environ.get("BENCH_BARRIER"):
+        import glob
+
+        prefix, count = os.environ["BENCH_BARRIER"].rsplit(":", 1)
+        open(f"{prefix}.{os.getpid()}", "w").close()
+        while len(glob.glob(f"{prefix}.*")) < int(count):
+            time.sleep(0.01)
+    steps = int(os.environ.get("BENCH_STEPS", STEPS))
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for _ in range(STEPS):
+    for _ in range(steps):
         value, _ = run()
         mx.eval(state, value)
-    dt = (time.perf_counter() - tic) / STEPS
+    dt = (time.perf_counter() - tic) / steps
     tok_s = group.size() * B * T / dt
     fpt = flops_per_token(s, T)
     result = dict(variant="+".join([variant, *flags]), shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),

@@ -5,6 +5,8 @@
 # loaded from disk, fresh batches); the CLI end to end on 1 and 2 GPUs. Logs under $OUT.
 #   bash benchmarks/multi_gpu.sh 1b     then, in the next call,     bash benchmarks/multi_gpu.sh 8b
 #   bash benchmarks/multi_gpu.sh quick  the step alone on 1 and 2 GPUs at 1B and 8B (one call)
+#   bash benchmarks/multi_gpu.sh apart  the same, and two independent one-GPU processes timed together (no
+#                                       all-reduce): what two GPUs on one host give without communicating
 set -u
 part=${1:-1b}
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
@@ -59,6 +61,20 @@ done
 if [ "$part" = quick ]; then  # the step alone, 1 and 2 GPUs, 1B then 8B (no model to write, no CLI)
   for shape in "1b 8 1024" "8b 4 2048"; do
     CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
+    step2 tuning_fork $shape
+  done
+  exit 0
+fi
+if [ "$part" = apart ]; then
+  for shape in "1b 8 1024" "8b 4 2048"; do
+    export BENCH_STEPS=30
+    CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
+    rm -f /tmp/bar.*
+    CUDA_VISIBLE_DEVICES=0 BENCH_BARRIER=/tmp/bar:2 step tuning_fork $shape > "$OUT/apart0.txt" &
+    CUDA_VISIBLE_DEVICES=1 BENCH_BARRIER=/tmp/bar:2 step tuning_fork $shape > "$OUT/apart1.txt"
+    wait
+    echo "apart, GPU 0: $(cat "$OUT/apart0.txt")"
+    echo "apart, GPU 1: $(cat "$OUT/apart1.txt")"
     step2 tuning_fork $shape
   done
   exit 0
