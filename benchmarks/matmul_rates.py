@@ -3,7 +3,7 @@ how much of the gap to a PyTorch peer (Unsloth) is the matrix-multiply library r
 
 Every frozen projection of a block runs twice a step: forward, y = x W^T (tokens x in -> out), and for the
 input gradient, dx = dy W (tokens x out -> in); the head (tied or not) likewise. Each product is timed alone
-(20 runs after 3 warm-ups) at the step's token count; the per-step sum weights each by how often a step runs it.
+(20 runs queued after 3 warm-ups, then one wait) at the step's token count; the per-step sum weights each by how often a step runs it.
 
     python benchmarks/matmul_rates.py {mlx|torch} {1b|8b} TOKENS        # one RESULT {json} line
 """
@@ -52,7 +52,8 @@ def main():
             a = mx.random.normal((m, k)).astype(mx.bfloat16)
             w = mx.random.normal((n, k) if forward else (k, n)).astype(mx.bfloat16)  # stored (out, in), as nn.Linear
             mx.eval(a, w)
-            run = (lambda: mx.eval(a @ w.T)) if forward else (lambda: mx.eval(a @ w))
+            # queued without waiting, as PyTorch's calls are (and as the compiled step runs them)
+            run = (lambda: mx.async_eval(a @ w.T)) if forward else (lambda: mx.async_eval(a @ w))
             sync = mx.synchronize
         else:
             import torch
