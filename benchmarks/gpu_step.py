@@ -25,7 +25,9 @@ prints one `RESULT {json}` line (rank 0). Two settings separate the step from wh
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
 data.collate does) instead of reusing one. BENCH_STEPS=N times N steps (default 10); BENCH_BARRIER=PREFIX:N waits,
-after the warm-up, until N processes have written PREFIX.<pid> (independent processes timed together, issue 23).
+after the warm-up, until N processes have written PREFIX.<pid> (independent processes timed together, issue 23);
+BENCH_NOREDUCE=1 leaves out the gradients' all-reduce (ranks launched together, each applying its own gradients:
+what the rest of a distributed step costs).
 """
 
 from __future__ import annotations
@@ -88,7 +90,11 @@ def main():
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
+    from tuning_fork import step as steps
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
+
+    if os.environ.get("BENCH_NOREDUCE"):
+        steps.reduce_gradients = lambda grad, *args: grad
 
     variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     variant, *flags = variant.split("+")
