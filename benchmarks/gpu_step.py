@@ -164,7 +164,7 @@ def main():
         else:
             run = lambda: step(batch, None, True)[:2]
 
-    pace = HostPace(direct and os.environ.get("BENCH_PACE", "1") != "0")  # BENCH_PACE=0: no host pacing
+    pace = HostPace(os.environ["BENCH_PACE"] == "1" if "BENCH_PACE" in os.environ else direct)  # BENCH_PACE=0|1: pacing off|on
     for k in range(WARMUP):
         tic = time.perf_counter()
         pace.before(B * T)
