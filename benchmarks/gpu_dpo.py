@@ -30,7 +30,7 @@ def main():
     from omegaconf import OmegaConf
 
     from tuning_fork.objectives.preference import Preference, sequence_logps
-    from tuning_fork.step import HostPace, make_step, paced_host
+    from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     sys.path.insert(0, "benchmarks")
     from gpu_step import SHAPES, lora_model
@@ -39,7 +39,7 @@ def main():
     shape = sys.argv[4] if len(sys.argv) > 4 else "1b"
     chunk = int(sys.argv[5]) if len(sys.argv) > 5 and int(sys.argv[5]) > 0 else None
     checkpoint = len(sys.argv) > 6 and sys.argv[6] == "checkpoint"
-    paced = paced_host()
+    direct = direct_cuda_launches()
     s = SHAPES[shape]
     model = lora_model(s)
     cfg = OmegaConf.create({"data": {"packing": False, "max_seq_length": P + C + 1}, "seed": 0,
@@ -53,7 +53,7 @@ def main():
     ref = mx.random.normal((2, B)) - 100.0
     batch = (tokens, mask, ref[0], ref[1])
 
-    pace = HostPace(paced)
+    pace = HostPace(direct)
     for _ in range(WARMUP):
         pace.before(tokens.size)
         out = step(batch, None, True)

@@ -4,11 +4,10 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
   mlx_lm        mlx-lm's default_loss in a step compiled the way mlx-lm's trainer compiles it
   tuning_fork   as tuning_fork/train.py runs it: tuning_fork.step.make_step (our masked loss, the same
                 compiled update), the lean layers (tuning_fork/layers.py: LoRA branches in bf16, SwiGLU MLPs
-                with their own VJP), on CUDA MLX's own launches (a CUDA graph per 20 kernels) and the
+                with their own VJP), kernels launched directly on CUDA (step.direct_cuda_launches) and the
                 host paced by a memory limit set from the first step (step.HostPace)
   plain         the same without the lean layers (mlx-lm's LoRA layers: schedule.lean_layers=false)
-  direct        our step with kernels launched directly, five to a batch (step.DIRECT_LAUNCHES: train.py's
-                CUDA launches until session 8), paced
+  graphs        our step under MLX's own launch settings (a CUDA graph per 20 kernels), no pacing
   chunked[N]    the same, with the logits computed N positions at a time (schedule.loss_chunk=N, default 256)
   bucketed[MB]  our step with gradients averaged in buckets of MB (default 8) taken last layer first
                 (step.reduce_gradients) on the default stream, instead of mlx's average_gradients
@@ -21,7 +20,7 @@ Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
 
-    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|plain|direct|chunked[N]|bucketed[MB]}[+ckpt][+plain] {1b|8b|1b_v32k|smoke|smoke_v16k|cpu_f32} BATCH SEQ
+    python benchmarks/gpu_step.py {mlx_lm|tuning_fork|plain|graphs|chunked[N]|bucketed[MB]}[+ckpt][+plain] {1b|8b|1b_v32k|smoke|smoke_v16k|cpu_f32} BATCH SEQ
 prints one `RESULT {json}` line (rank 0). Two settings separate the step from what the CLI's loop adds
 (issue 18's breakdown): BENCH_MODEL=FOLDER loads the weights from a saved model (mlx_lm.load, as the CLI
 does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch anew from NumPy (as
@@ -92,7 +91,7 @@ def main():
     from mlx_lm.tuner.trainer import default_loss
 
     from tuning_fork import step as steps
-    from tuning_fork.step import DIRECT_LAUNCHES, HostPace, make_step, paced_host
+    from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     if os.environ.get("BENCH_NOREDUCE"):
         steps.reduce_gradients = lambda grad, *args: grad
@@ -105,14 +104,12 @@ def main():
     if set(flags) - {"plain", "nomlp", "noaddmm", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
         sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp, +noaddmm (not "
                  "for mlx_lm)")
-    if variant not in ("mlx_lm", "tuning_fork", "direct") and not variant.startswith(("chunked", "bucketed", "streamed")):
-        sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, direct, chunked[N], bucketed[MB], "
+    if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
+        sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
     if shape not in SHAPES:
         sys.exit(f"gpu_step: unknown shape {shape!r}: {', '.join(SHAPES)}")
-    direct = variant == "direct" and mx.cuda.is_available()
-    if direct:  # before the first kernel
-        os.environ.update(DIRECT_LAUNCHES)
+    direct = variant not in ("mlx_lm", "graphs") and direct_cuda_launches()  # before the first kernel
     group = mx.distributed.init()
     s = SHAPES[shape]
     if os.environ.get("BENCH_MODEL"):
@@ -167,8 +164,7 @@ def main():
         else:
             run = lambda: step(batch, None, True)[:2]
 
-    paced = variant != "mlx_lm" and paced_host()
-    pace = HostPace(os.environ["BENCH_PACE"] == "1" if "BENCH_PACE" in os.environ else paced)  # BENCH_PACE=0|1: off|on
+    pace = HostPace(os.environ["BENCH_PACE"] == "1" if "BENCH_PACE" in os.environ else direct)  # BENCH_PACE=0|1: pacing off|on
     for k in range(WARMUP):
         tic = time.perf_counter()
         pace.before(B * T)

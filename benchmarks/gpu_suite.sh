@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_suite.sh single  OUT [PEER]   one GPU: mlx-lm's step, ours, ours chunked (+ PyTorch+PEFT
 #                                                     through the reference script PEER) at 1B 8x1024, 8B 4x2048
 #   bash benchmarks/gpu_suite.sh scaling OUT          1B 8x1024 per GPU on 1 GPU, then 2 GPUs (mlx.launch, NCCL)
-#   bash benchmarks/gpu_suite.sh launches OUT         one GPU: mlx-lm's step, ours with direct launches (paced),
-#                                                     ours as train.py runs it (CUDA graphs, paced), 1B and 8B
+#   bash benchmarks/gpu_suite.sh launches OUT         one GPU: mlx-lm's step, ours under MLX's CUDA graphs, ours
+#                                                     as train.py runs it (direct launches, paced), 1B and 8B
 set -u
 mode=$1 out=${2:-/tmp/gpu} peer=${3:-}
 mkdir -p "$out"
@@ -26,6 +26,6 @@ elif [ "$mode" = scaling ]; then
 elif [ "$mode" = launches ]; then
   export CUDA_VISIBLE_DEVICES=0
   for shape in "1b 8 1024" "1b 16 1024" "8b 4 2048"; do
-    for v in mlx_lm direct tuning_fork; do run python3 benchmarks/gpu_step.py $v $shape; done
+    for v in mlx_lm graphs tuning_fork; do run python3 benchmarks/gpu_step.py $v $shape; done
   done
 fi

@@ -45,11 +45,11 @@ def main():
 
     from tuning_fork import config
     from tuning_fork.objectives.grpo import GRPO, Prompt
-    from tuning_fork.step import make_step, paced_host
+    from tuning_fork.step import direct_cuda_launches, make_step
 
     shape, B, G, P, C = sys.argv[1], *map(int, sys.argv[2:6])
     checkpoint, plain = "checkpoint" in sys.argv[6:], "plain" in sys.argv[6:]
-    paced = paced_host()
+    direct = direct_cuda_launches()
     s = SHAPES[shape]
     config.register()
     with initialize_config_module("tuning_fork.conf"):
@@ -86,7 +86,7 @@ def main():
     print("RESULT " + json.dumps(dict(which="tuning_fork_grpo", shape=shape, prompts=B, group=G, prompt=P,
                                       completion=C, step_s=dt, completions_s=B * G / dt,
                                       sampling_s=sum(sampling) / len(sampling), completion_length=sum(lengths) / len(lengths),
-                                      peak_gb=mx.get_peak_memory() / 1e9, paced=paced,
+                                      peak_gb=mx.get_peak_memory() / 1e9, direct_launches=direct,
                                       grad_checkpoint=checkpoint, lean_layers=not plain)), flush=True)
 
 

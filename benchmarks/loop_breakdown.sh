@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18: where the CLI's loop loses half of its step's speed. The CLI on uniform 8x1024 batches (after
-# benchmarks/multi_gpu.sh made /tmp/m1b and /tmp/uni), 60 iterations each: as it runs (MLX's CUDA graphs, the
-# host paced); with direct launches (step.DIRECT_LAUNCHES, paced); without the pacing's memory limit; and its
-# train_step timed piecewise (dispatch, evaluation, host reads).
+# benchmarks/multi_gpu.sh made /tmp/m1b and /tmp/uni), 60 iterations each: as it runs; with MLX's CUDA
+# graphs (no host pacing); direct launches without the pacing's memory limit; and its train_step timed
+# piecewise (dispatch, evaluation, host reads).
 set -u
 bash benchmarks/multi_gpu.sh model || exit 3
 export PYTHONPATH=/tmp/tf-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=0
@@ -12,8 +12,8 @@ import json, statistics as st
 t = [json.loads(l) for l in open('$1/metrics.jsonl')]
 t = [x['tokens_per_second'] for x in t if 'train_loss' in x][1:]
 print('$2', 'median tok/s', round(st.median(t)))"; }
-python3 -m tuning_fork $args hydra.run.dir=/tmp/b1 > /dev/null 2>&1; median /tmp/b1 "as it runs (graphs, paced)"
-MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=5 python3 -m tuning_fork $args hydra.run.dir=/tmp/b2 > /dev/null 2>&1; median /tmp/b2 "direct launches, paced"
+python3 -m tuning_fork $args hydra.run.dir=/tmp/b1 > /dev/null 2>&1; median /tmp/b1 "as it runs (direct, paced)"
+MLX_USE_CUDA_GRAPHS=1 MLX_MAX_OPS_PER_BUFFER=20 python3 -m tuning_fork $args hydra.run.dir=/tmp/b2 > /dev/null 2>&1; median /tmp/b2 "CUDA graphs, no pacing"
 python3 - $args hydra.run.dir=/tmp/b3 > /dev/null 2>&1 <<'PY'
 import sys
 import tuning_fork.train as T
@@ -23,7 +23,7 @@ sys.argv = ["tuning_fork"] + sys.argv[1:]
 from tuning_fork.__main__ import cli
 cli()
 PY
-median /tmp/b3 "graphs, no pacing"
+median /tmp/b3 "direct, no pacing"
 python3 - $args hydra.run.dir=/tmp/b4 2>&1 <<'PY' | grep "^##"
 import sys, time, collections
 import mlx.core as mx

@@ -2,9 +2,6 @@
 # Issue 18: the CLI's training tokens/s against its step benchmark, on one GPU: uniform 8x1024 batches
 # (60 iterations) and uneven records (800 of 200-1000 tokens, one epoch, batch 8), whole-process time too.
 # After benchmarks/multi_gpu.sh (or its `model` part) in this session.
-#   bash benchmarks/loop_e2e.sh            the step, then the CLI on uniform and on uneven records
-#   bash benchmarks/loop_e2e.sh launches   the CLI on uneven records with MLX's CUDA graphs (as it runs), then with
-#                                          direct launches (step.DIRECT_LAUNCHES exported)
 set -u
 bash benchmarks/multi_gpu.sh model || exit 3
 export PYTHONPATH=/tmp/tf-site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DEVICES=0
@@ -17,18 +14,11 @@ for split, n in (("train", 800), ("valid", 16)):
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(f"t{rnd.randrange(4, 30000)}" for _ in range(rnd.randint(200, 1000)))}) + "\n")
 PY
-cases=("uni schedule.epochs=null schedule.iters=60 schedule.steps_per_report=10" "var schedule.epochs=1")
-if [ "${1:-}" = launches ]; then
-  cases=("var schedule.epochs=1" "var schedule.epochs=1")
-else
-  python3 benchmarks/gpu_step.py tuning_fork 1b 8 1024 2>&1 | grep RESULT
-fi
+python3 benchmarks/gpu_step.py tuning_fork 1b 8 1024 2>&1 | grep RESULT
 base="model.path=/tmp/m1b schedule=default adapter.rank=16 adapter.alpha=32 data=jsonl schedule.batch_size=8 data.max_seq_length=1024 schedule.val_batches=2"
-for i in "${!cases[@]}"; do
-  set -- ${cases[$i]}; name=$1; shift
-  [ "$i" = 1 ] && [ "${cases[0]}" = "${cases[1]}" ] && export MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=5 && echo "direct:"
+for case in "uni schedule.epochs=null schedule.iters=60 schedule.steps_per_report=10" "var schedule.epochs=1"; do
+  set -- $case; name=$1; shift
   SECONDS=0
-  rm -rf /tmp/e-$name
   python3 -m tuning_fork $base data.path=/tmp/$name "$@" hydra.run.dir=/tmp/e-$name > /tmp/e-$name.log 2>&1
   wall=$SECONDS
   python3 -c "

@@ -12,15 +12,15 @@ def limit_now() -> int:
     return mx.get_memory_limit()
 
 
-def test_the_host_is_paced_on_cuda_alone_and_mlx_launches_as_it_chooses(monkeypatch):
+def test_direct_cuda_launches_leaves_other_devices_alone(monkeypatch):
     import mlx.core as mx
 
-    from tuning_fork.step import DIRECT_LAUNCHES, paced_host
+    from tuning_fork.step import CUDA_LAUNCHES, direct_cuda_launches
 
-    for key in DIRECT_LAUNCHES:
+    for key in CUDA_LAUNCHES:
         monkeypatch.delenv(key, raising=False)
-    assert paced_host() is mx.cuda.is_available()
-    assert not any(key in os.environ for key in DIRECT_LAUNCHES)
+    assert direct_cuda_launches() is mx.cuda.is_available()
+    assert all((key in os.environ) is mx.cuda.is_available() for key in CUDA_LAUNCHES)
 
 
 def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps_memory():
@@ -92,7 +92,7 @@ def test_a_paced_training_run_matches_an_unpaced_one(tmp_path, monkeypatch):
               "schedule.grad_accumulation_steps=2", "schedule.learning_rate=1e-3")
     before = limit_now()
     plain = train_module.train(compose_cfg(*common, f"output_dir={tmp_path / 'plain'}"))
-    monkeypatch.setattr(train_module, "paced_host", lambda: True)
+    monkeypatch.setattr(train_module, "direct_cuda_launches", lambda: True)
     paced = train_module.train(compose_cfg(*common, f"output_dir={tmp_path / 'paced'}"))
     assert limit_now() == before
     for key in ("first_val_loss", "val_loss", "train_loss"):

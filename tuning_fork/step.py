@@ -13,6 +13,7 @@ as it would alone (tests/test_packing.py).
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 
@@ -314,29 +315,34 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
     return step, state
 
 
-DIRECT_LAUNCHES = {"MLX_USE_CUDA_GRAPHS": "0", "MLX_MAX_OPS_PER_BUFFER": "5"}  # (exported by a user: MLX obeys)
+CUDA_LAUNCHES = {"MLX_USE_CUDA_GRAPHS": "0", "MLX_MAX_OPS_PER_BUFFER": "5"}
 
 
-def paced_host() -> bool:
-    """Whether the host is to be paced (HostPace): on CUDA. Kernels launch as MLX launches them by default, a CUDA
-    graph for every twenty: with mlx 0.32.4 and pacing, on an H200, +5% tokens/s at 1B 8x1024 and +2% at 8B 4x2048
-    over direct launches five to a batch of work (DIRECT_LAUNCHES, which older MLX releases favoured by 10-24%
-    and this module set until session 8; BENCHMARKS.md)."""
+def direct_cuda_launches() -> bool:
+    """On CUDA, have MLX launch kernels directly, five to a batch of work, instead of building a CUDA graph
+    for every twenty: building the graphs holds the host back more than launching saves (on an H200,
+    +10-24% tokens/s at 1B 8x1024, +4-11% at 8B 4x2048; BENCHMARKS.md). Call before the first kernel
+    runs; MLX reads these once. Values the user exported win. Returns whether kernels launch directly
+    (see HostPace)."""
     import mlx.core as mx
 
-    return mx.cuda.is_available()
+    if not mx.cuda.is_available():
+        return False
+    for key, value in CUDA_LAUNCHES.items():
+        os.environ.setdefault(key, value)
+    return os.environ["MLX_USE_CUDA_GRAPHS"] == "0"
 
 
 HEADROOM = 0.99
 
 
 class HostPace:
-    """On CUDA the host runs far ahead of the GPU and allocates the buffers of work still queued: peak memory grew
-    64% at 1B with direct launches, 55% with MLX's CUDA graphs. So a step runs strictly in order — under a memory
-    limit of one byte MLX waits for queued work before evaluating more — until the first optimizer update and
-    whenever a batch is bigger than any before it (length-bucketed batches vary); after each such step the limit
-    becomes just under the peak so far, and the host runs ahead only while memory stays within it (1B 8x1024:
-    16.0 GB paced, 23.0 unpaced; 8B 4x2048: 50.7 and 58.3; BENCHMARKS.md)."""
+    """Launching directly, the host runs far ahead of the GPU and allocates the buffers of work still queued:
+    peak memory grew 64% at 1B. So a step runs strictly in order — under a memory limit of one byte MLX
+    waits for queued work before evaluating more — until the first optimizer update and whenever a batch is
+    bigger than any before it (length-bucketed batches vary); after each such step the limit becomes just
+    under the peak so far, and the host runs ahead only while memory stays within it. Peak memory then stays
+    at or below that of mlx-lm's graph-launched step (88.8 vs 90.0 GB at 8B, 26.2 vs 32.5 at 1B)."""
 
     def __init__(self, active: bool):
         import mlx.core as mx

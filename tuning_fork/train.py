@@ -25,7 +25,7 @@ from . import data, distributed, models, objectives, schedule, tracking
 from .checkpoint import Checkpoints, Interrupted, StopSignals, TrainState, Window, check_same_config, find_resume
 from .errors import ConfigError, DataError, TuningForkError
 from .evaluation import Best, EarlyStopping, Validator, direction
-from .step import HostPace, build_optimizer, make_step, paced_host
+from .step import HostPace, build_optimizer, direct_cuda_launches, make_step
 from .trial import Pruned
 
 
@@ -51,7 +51,7 @@ class Run:
     metrics: tracking.MetricsFile | None = None
     hooks: list = field(default_factory=list)
     ui: object = None
-    paced: bool = False  # on CUDA: the host paced by memory (HostPace)
+    direct: bool = False  # CUDA kernels launch directly (HostPace)
     stop_reason: str | None = None  # set by a hook (early stopping): the run ends, normally, at the next update
     best_folder: Path | None = None
     tokenizer: object = None
@@ -82,7 +82,7 @@ def train(cfg, hooks=()) -> dict:
 
 def setup(cfg, extra_hooks: list) -> Run:
     config_schema.check(cfg)
-    paced = paced_host()
+    direct = direct_cuda_launches()  # before any kernel runs
     group = distributed.world()  # one process, or one of the ranks mlx.launch started
     distributed.check_batch(cfg.schedule.batch_size, group.size())
     run_dir = Path(distributed.share_text(group, str(output_dir(cfg).resolve())))
@@ -91,7 +91,7 @@ def setup(cfg, extra_hooks: list) -> Run:
     distributed.barrier(group)  # every rank has looked at the folder before rank 0 writes to it
 
     run = prepare_data(cfg, group, run_dir, checkpoints)
-    run.paced = paced
+    run.direct = direct
     prepare_model(run, resume_from)
     run.hooks = build_hooks(run, resume_from) + extra_hooks
     if run.rank == 0:
@@ -205,7 +205,7 @@ def loop(run: Run) -> None:
     p, state = run.plan, run.state
     mx.reset_peak_memory()
     run.model.train()
-    pace = HostPace(run.paced)
+    pace = HostPace(run.direct)
     try:
         with run.ui, StopSignals() as stop:
             for _ in range(state.step):
