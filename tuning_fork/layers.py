@@ -14,8 +14,12 @@ Two changes, both backend-neutral (Apple silicon, CPUs and CUDA alike; BENCHMARK
    intermediate (Unsloth's fast_lora.py does the like in PyTorch; the derivative of silu,
    sigmoid(g)(1 + g(1 - sigmoid(g))), is the textbook one).
 
+Either adds the low-rank product to the frozen linear's output (and, in the VJP, its input gradient to the frozen
+one's) inside one matmul (`mx.addmm`), which saves a pass over the output: +4% tokens/s on an H200 at 1B.
+
 `lean(model)` applies both to a model with adapters attached (`schedule.lean_layers`, on by default); nothing
-changes what is saved or loaded. `checkpoint_blocks` is `schedule.grad_checkpoint`.
+changes what is saved or loaded. `checkpoint_blocks` is `schedule.grad_checkpoint` (with `checkpoint_part` and
+`checkpoint_layers`).
 """
 
 from __future__ import annotations
