@@ -70,6 +70,17 @@ def test_lean_layers_give_the_same_loss_and_gradients_in_float32(family):
     assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
 
 
+def test_lean_layers_without_the_fused_add_give_the_same_loss_and_gradients(monkeypatch):
+    """layers.ADDMM=False (gpu_step's +noaddmm): the low-rank sum as a matmul, then an add."""
+    from tuning_fork import layers
+
+    monkeypatch.setattr(layers, "ADDMM", False)
+    plain = loss_and_grads(model_of("llama"))
+    model = model_of("llama")
+    layers.lean(model, mlps=True)
+    assert_close(plain, loss_and_grads(model), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("keys,bias", [(["mlp.down_proj", "self_attn.q_proj"], False),
                                        (["mlp.gate_proj"], True)])
 def test_lean_mlps_with_lora_on_some_projections_and_biases(keys, bias):
