@@ -241,3 +241,38 @@ def test_checkpointing_an_mlp_that_is_not_ours_and_a_block_without_the_part():
                                         use_conv_bias=True, time_step_rank=4))
     with pytest.raises(ConfigError, match=r"schedule\.checkpoint_part=attention: .*no self_attn or attention or attn"):
         layers.checkpoint_blocks(model, "attention")
+
+
+@pytest.mark.parametrize("part", ["block", "attention"])
+def test_checkpointing_with_adapter_dropout_gives_the_gradient_of_the_loss(part):
+    """The recomputed part draws the dropout masks its forward pass drew (each checkpointed call has a key of its
+    own): the gradient along a random direction equals the loss's central difference with the same seed. mlx-lm's
+    LoRA layers under mx.checkpoint draw new masks and fail this (config.check refuses them)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from tuning_fork import layers
+    from tuning_fork.step import loss
+
+    mx.random.seed(1)
+    tokens, mask = mx.random.randint(0, 101, (3, 25)), mx.ones((3, 24), mx.bool_)
+    model = model_of("llama", dropout=0.1)
+    layers.lean(model, 0.1)
+    layers.checkpoint_blocks(model, part)
+    f = lambda m: loss(m, tokens, mask)[0]
+
+    def at(shift):
+        model.update(tree_map(lambda p, d: p + shift * d, params, direction))
+        mx.random.seed(5)
+        value = f(model).item()
+        model.update(params)
+        return value
+
+    params = model.trainable_parameters()
+    direction = tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(7)), params)
+    mx.random.seed(5)
+    _, grads = nn.value_and_grad(model, f)(model)
+    along = sum((g * d).sum().item() for (_, g), (_, d) in zip(tree_flatten(grads), tree_flatten(direction)))
+    eps = 1e-3
+    assert along == pytest.approx((at(eps) - at(-eps)) / (2 * eps), rel=1e-2, abs=1e-3)

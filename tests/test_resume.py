@@ -134,6 +134,25 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, mo
     assert result["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
 
 
+def test_a_run_resumes_with_checkpointing_turned_on_and_trains_the_same_numbers(tmp_path):
+    """A run that ran out of memory resumes with schedule.grad_checkpoint (and which part): the backward pass then
+    recomputes what it kept, so the reports and adapters are those of a run never stopped. (Without dropout: with
+    it, a checkpointed block draws its masks from a key of its own, a different but equally valid draw.)"""
+    folder = make_data(tmp_path / "d", n_train=20, n_test=4)
+    args = (*[a for a in RUN if not a.startswith("adapter.dropout")], f"data.path={folder}")
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    assert run_cli(*args, f"hydra.run.dir={whole}").returncode == 0
+    stop_midway(run_dir, 6, *args)
+    proc = run_cli(*args, f"hydra.run.dir={run_dir}", "resume=true", "schedule.grad_checkpoint=true",
+                   "schedule.checkpoint_part=attention", "schedule.checkpoint_layers=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = reports(run_dir), reports(whole)
+    assert [m["iteration"] for m in got] == [m["iteration"] for m in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a), (a, b)
+    assert max_difference(adapters(run_dir), adapters(whole)) < 1e-5
+
+
 def test_resume_refuses_a_folder_without_a_checkpoint(tmp_path):
     one_line_error(run_cli(f"hydra.run.dir={tmp_path / 'run'}", "resume=true"), "holds no checkpoint",
                    "without resume=true")

@@ -169,16 +169,19 @@ def find_resume(cfg, run_dir: Path, checkpoints: Checkpoints) -> Path | None:
 
 
 IGNORED_ON_RESUME = ("resume", "output_dir", "wandb")
+# Settings that only recompute what was there: a run that ran out of memory resumes with checkpointing on.
+RECOMPUTE_ONLY = ("schedule.grad_checkpoint", "schedule.checkpoint_part", "schedule.checkpoint_layers")
 
 
 def check_same_config(saved: dict, now: dict, folder: Path) -> None:
-    """A resumed run must be the run that stopped: same model, data, schedule and adapter."""
+    """A resumed run must be the run that stopped: same model, data, schedule and adapter (what the backward pass
+    recomputes, RECOMPUTE_ONLY, may change)."""
 
     def walk(a, b, prefix=""):
         for key in sorted(set(a) | set(b)):
             path = f"{prefix}{key}"
-            if not prefix and key in IGNORED_ON_RESUME or key not in a:  # (a setting newer than the saved run)
-                continue
+            if not prefix and key in IGNORED_ON_RESUME or key not in a or path in RECOMPUTE_ONLY:
+                continue  # (key not in a: a setting newer than the saved run)
             x, y = a.get(key), b.get(key)
             if isinstance(x, dict) and isinstance(y, dict):
                 walk(x, y, path + ".")

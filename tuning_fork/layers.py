@@ -47,11 +47,25 @@ def _lora(y, x, a, b, scale):
     return y + (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
 
 
+_keys: list = []  # the key of each checkpointed call being traced, innermost last (see _checkpointed)
+
+
+def _dropout(dropout, x):
+    """nn.Dropout's output; inside a checkpointed call, its mask drawn from that call's key, so that recomputing the
+    call in the backward pass draws the same mask (the mask of p is a Bernoulli(1 - p) draw, kept values / (1 - p))."""
+    keep = getattr(dropout, "_p_1", 1.0)
+    if not _keys or not dropout.training or keep == 1.0:
+        return dropout(x)
+    _keys[-1], key = mx.random.split(_keys[-1])
+    return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
+
+
 class LoRALinear(_LoRALinear):
-    """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept)."""
+    """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept), its dropout
+    repeatable under checkpointing."""
 
     def __call__(self, x):
-        return _lora(self.linear(x), self.dropout(x), self.lora_a, self.lora_b, self.scale)
+        return _lora(self.linear(x), _dropout(self.dropout, x), self.lora_a, self.lora_b, self.scale)
 
 
 def _base_input_grad(linear, dy):
@@ -180,15 +194,23 @@ def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
 @functools.cache
 def _checkpointed(cls):
     """A subclass of a module class (a block, or its attention or MLP) whose call goes through mx.checkpoint in
-    training mode."""
+    training mode. The call's LoRA dropout draws from a key of its own, which the checkpointed function keeps,
+    so the backward pass recomputes the very masks the forward pass used (a plain mx.checkpoint draws new ones:
+    the gradients of another function than the loss; config.check refuses dropout that is not ours)."""
 
     def __call__(self, x, *args, **kwargs):
         if not self.training:  # sampling with a KV cache through mx.checkpoint crawled on CUDA (GRPO, session 6)
             return cls.__call__(self, x, *args, **kwargs)
 
-        def inner(params, x):
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)  # a key (two words) from the run's sequence
+
+        def inner(params, x):  # (the recomputation calls it again: the same key, the same masks)
             self.update(params)
-            return cls.__call__(self, x, *args, **kwargs)
+            _keys.append(key)
+            try:
+                return cls.__call__(self, x, *args, **kwargs)
+            finally:
+                _keys.pop()
 
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
