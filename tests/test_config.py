@@ -91,8 +91,6 @@ def test_a_fixed_choice_mistyped_fails_at_composition_listing_the_choices(overri
     ("schedule.grad_checkpoint=true,schedule.checkpoint_layers=0", "schedule.checkpoint_layers"),
     ("schedule.checkpoint_part=mlp", "schedule.checkpoint_part"),  # (without grad_checkpoint it would do nothing)
     ("schedule.checkpoint_layers=4", "schedule.checkpoint_layers"),
-    ("schedule.grad_checkpoint=true,adapter.dropout=0.1,schedule.lean_layers=false", "schedule.grad_checkpoint"),
-    ("schedule.grad_checkpoint=true,adapter.dropout=0.1,adapter=dora", "schedule.grad_checkpoint"),
 ])
 def test_range_checks_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

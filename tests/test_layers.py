@@ -243,22 +243,37 @@ def test_checkpointing_an_mlp_that_is_not_ours_and_a_block_without_the_part():
         layers.checkpoint_blocks(model, "attention")
 
 
-@pytest.mark.parametrize("part", ["block", "attention"])
-def test_checkpointing_with_adapter_dropout_gives_the_gradient_of_the_loss(part):
+@pytest.mark.parametrize("part,lean,dora", [("block", True, False), ("attention", True, False),
+                                            ("block", False, False), ("mlp", False, True)])
+def test_checkpointing_with_adapter_dropout_gives_the_gradient_of_the_loss(part, lean, dora, monkeypatch):
     """The recomputed part draws the dropout masks its forward pass drew (each checkpointed call has a key of its
-    own): the gradient along a random direction equals the loss's central difference with the same seed. mlx-lm's
-    LoRA layers under mx.checkpoint draw new masks and fail this (config.check refuses them)."""
+    own), with our LoRA layers, mlx-lm's (lean_layers=false) and DoRA's: the gradients equal those of the same
+    calls without recomputation, and for LoRA the gradient along a random direction equals the loss's central
+    difference with the same seed (DoRA's gradient leaves out its norm's, by design). A plain mx.checkpoint
+    (mlx-lm's grad_checkpoint) draws new masks and fails both."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
 
     from tuning_fork import layers
+    from tuning_fork.models import import_tuner
     from tuning_fork.step import loss
+
+    import_tuner()
+    from mlx_lm.tuner.dora import DoRALinear
 
     mx.random.seed(1)
     tokens, mask = mx.random.randint(0, 101, (3, 25)), mx.ones((3, 24), mx.bool_)
     model = model_of("llama", dropout=0.1)
-    layers.lean(model, 0.1)
+    if dora:
+        for _, block in model.named_modules():
+            for name, child in block.children().items():
+                if type(child).__name__ == "LoRALinear":
+                    setattr(block, name, DoRALinear.from_base(child.linear, r=8, dropout=0.1, scale=2.0))
+        model.freeze()
+        model.unfreeze(keys=["lora_a", "lora_b", "m"], strict=False)
+    if lean:
+        layers.lean(model, 0.1)
     layers.checkpoint_blocks(model, part)
     f = lambda m: loss(m, tokens, mask)[0]
 
@@ -270,9 +285,17 @@ def test_checkpointing_with_adapter_dropout_gives_the_gradient_of_the_loss(part)
         return value
 
     params = model.trainable_parameters()
+    assert any("lora_a" in k for k, _ in tree_flatten(params))
     direction = tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(7)), params)
     mx.random.seed(5)
     _, grads = nn.value_and_grad(model, f)(model)
-    along = sum((g * d).sum().item() for (_, g), (_, d) in zip(tree_flatten(grads), tree_flatten(direction)))
-    eps = 1e-3
-    assert along == pytest.approx((at(eps) - at(-eps)) / (2 * eps), rel=1e-2, abs=1e-3)
+    with monkeypatch.context() as m:
+        m.setattr(layers.mx, "checkpoint", lambda fn: fn)  # the same calls and keys, nothing recomputed
+        mx.random.seed(5)
+        _, plain = nn.value_and_grad(model, f)(model)
+    for (k, g), (_, p) in zip(tree_flatten(grads), tree_flatten(plain)):
+        assert mx.allclose(g, p, rtol=1e-5, atol=1e-6).item(), k
+    if not dora:
+        along = sum((g * d).sum().item() for (_, g), (_, d) in zip(tree_flatten(grads), tree_flatten(direction)))
+        eps = 1e-3
+        assert along == pytest.approx((at(eps) - at(-eps)) / (2 * eps), rel=1e-2, abs=1e-3)

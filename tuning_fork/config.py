@@ -461,24 +461,16 @@ def check(cfg) -> None:
         raise ConfigError(f"model.quantize_bits={cfg.model.quantize_bits!r} is invalid: adapter=full cannot train a "
                           "quantized model: use adapter=qlora, or model.quantize_bits=null")
     check_lr_schedule(cfg.schedule.lr_schedule)
-    check_checkpointing(cfg.schedule, cfg.adapter)
+    check_checkpointing(cfg.schedule)
     check_evaluation(cfg)
 
 
-def check_checkpointing(s, a) -> None:
-    """checkpoint_part and checkpoint_layers say what grad_checkpoint recomputes: without it they would do nothing.
-    Recomputing a block with adapter dropout must draw the same masks again, which only our LoRA layers do
-    (layers.LoRALinear, with schedule.lean_layers): mlx-lm's and DoRA's would draw new ones, and train on wrong
-    gradients."""
+def check_checkpointing(s) -> None:
+    """checkpoint_part and checkpoint_layers say what grad_checkpoint recomputes: without it they would do nothing."""
     for key, default in (("checkpoint_part", "block"), ("checkpoint_layers", None)):
         value = s.get(key, default)
         if not s.grad_checkpoint and value != default:
             raise ConfigError(f"schedule.{key}={value} has no effect without schedule.grad_checkpoint=true: set it too")
-    if s.grad_checkpoint and a.type != "full" and a.dropout and (a.type == "dora" or not s.get("lean_layers", True)):
-        why = "adapter=dora" if a.type == "dora" else "schedule.lean_layers=false"
-        raise ConfigError(f"schedule.grad_checkpoint=true with adapter.dropout={a.dropout} and {why}: the recomputed "
-                          "blocks would draw new dropout masks, and the gradients would be wrong: set "
-                          "adapter.dropout=0" + ("" if a.type == "dora" else ", or schedule.lean_layers=true"))
 
 
 def check_lr_schedule(sc) -> None:

@@ -47,25 +47,11 @@ def _lora(y, x, a, b, scale):
     return y + (x @ a.astype(x.dtype)) @ (scale * b).astype(x.dtype)
 
 
-_keys: list = []  # the key of each checkpointed call being traced, innermost last (see _checkpointed)
-
-
-def _dropout(dropout, x):
-    """nn.Dropout's output; inside a checkpointed call, its mask drawn from that call's key, so that recomputing the
-    call in the backward pass draws the same mask (the mask of p is a Bernoulli(1 - p) draw, kept values / (1 - p))."""
-    keep = getattr(dropout, "_p_1", 1.0)
-    if not _keys or not dropout.training or keep == 1.0:
-        return dropout(x)
-    _keys[-1], key = mx.random.split(_keys[-1])
-    return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
-
-
 class LoRALinear(_LoRALinear):
-    """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept), its dropout
-    repeatable under checkpointing."""
+    """mlx-lm's LoRA layer, its low-rank product computed in the input's dtype (float32 weights kept)."""
 
     def __call__(self, x):
-        return _lora(self.linear(x), _dropout(self.dropout, x), self.lora_a, self.lora_b, self.scale)
+        return _lora(self.linear(x), self.dropout(x), self.lora_a, self.lora_b, self.scale)
 
 
 def _base_input_grad(linear, dy):
@@ -191,12 +177,28 @@ def lean(model, dropout: float = 0.0, mlps: bool | None = None) -> dict:
     return counts
 
 
+_keys: list = []  # the key of each checkpointed call being traced, innermost last
+
+
+class _KeyedDropout(nn.Dropout):
+    """nn.Dropout whose mask, inside a checkpointed call, is drawn from that call's key (a Bernoulli(1 - p) draw,
+    kept values scaled by 1 / (1 - p), as nn.Dropout), so that recomputing the call draws the same mask."""
+
+    def __call__(self, x):
+        keep = self._p_1  # (nn.Dropout keeps 1 - p here)
+        if not _keys or not self.training or keep == 1.0:
+            return super().__call__(x)
+        _keys[-1], key = mx.random.split(_keys[-1])
+        return (mx.random.bernoulli(keep, x.shape, key=key) * x) * (1 / keep)
+
+
 @functools.cache
 def _checkpointed(cls):
     """A subclass of a module class (a block, or its attention or MLP) whose call goes through mx.checkpoint in
-    training mode. The call's LoRA dropout draws from a key of its own, which the checkpointed function keeps,
-    so the backward pass recomputes the very masks the forward pass used (a plain mx.checkpoint draws new ones:
-    the gradients of another function than the loss; config.check refuses dropout that is not ours)."""
+    training mode. The call's dropout (adapter dropout: _KeyedDropout) draws from a key of its own, which the
+    checkpointed function keeps, so the backward pass recomputes the very masks the forward pass used (a plain
+    mx.checkpoint, mlx-lm's grad_checkpoint among them, draws new ones: the gradients of another function than
+    the loss)."""
 
     def __call__(self, x, *args, **kwargs):
         if not self.training:  # sampling with a KV cache through mx.checkpoint crawled on CUDA (GRPO, session 6)
@@ -250,4 +252,7 @@ def checkpoint_blocks(model, part: str = "block", layers: int | None = None) -> 
         elif not getattr(type(module), "checkpointed", False):
             module.__class__ = _checkpointed(type(module))
         count += 1
+    for _, module in model.named_modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = _KeyedDropout
     return count
