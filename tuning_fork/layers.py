@@ -231,7 +231,8 @@ def checkpoint_blocks(model, part: str = "block", layers: int | None = None) -> 
     a smaller cost in speed (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer
     Models", recompute a part of each block; BENCHMARKS.md has the figures). The modules become a subclass
     whose call goes through mx.checkpoint in training mode; in eval mode (sampling, validation) they run
-    plainly. Other models of the same class are untouched (mlx-lm's wrapper patches the class itself).
+    plainly. Other models of the same class are untouched (mlx-lm's wrapper patches the class itself). The
+    model's dropout modules become _KeyedDropout, so that a recomputed call draws its forward pass's masks.
     Returns how many modules are checkpointed; a model whose blocks have no such part is a ConfigError."""
     from .errors import ConfigError
 
