@@ -123,6 +123,17 @@ def _in_order(x, previous):
     return x if previous is None else mx.depends(x, previous)
 
 
+def _chunk_loss(h, w, t, m):
+    """A chunk's float32 logits h w^T, their log-sum-exp per position, and the chunk's summed cross-entropy weighted
+    by m."""
+    import mlx.core as mx
+
+    logits = (h @ w.T).astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1)
+    picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+    return logits, lse, ((lse - picked) * m).sum()
+
+
 def lse_cross_entropy(chunk: int):
     """f(h, w, t, m) -> (sum of m * (logsumexp(h w^T) - (h w^T)[t]), the log-sum-exp of each position), with
     a VJP that recomputes each chunk's logits from h and w and the saved log-sum-exp: d logits = softmax -
@@ -135,10 +146,8 @@ def lse_cross_entropy(chunk: int):
     def f(h, w, t, m):
         total, lses = mx.array(0.0), []
         for a, b in _spans(h.shape[0], chunk):
-            logits = (_in_order(h[a:b], lses[-1] if lses else None) @ w.T).astype(mx.float32)
-            lse = mx.logsumexp(logits, axis=-1)
-            picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
-            total = total + ((lse - picked) * m[a:b]).sum()
+            _, lse, part = _chunk_loss(_in_order(h[a:b], lses[-1] if lses else None), w, t[a:b], m[a:b])
+            total = total + part
             lses.append(lse)
         return total, mx.concatenate(lses)
 
@@ -171,10 +180,8 @@ def eager_cross_entropy(chunk: int):
     def f(h, w, t, m):
         total, grads = mx.array(0.0), []
         for a, b in _spans(h.shape[0], chunk):
-            logits = (_in_order(h[a:b], grads[-1] if grads else None) @ w.T).astype(mx.float32)
-            lse = mx.logsumexp(logits, axis=-1)
-            picked = mx.take_along_axis(logits, t[a:b, None], axis=-1)[:, 0]
-            total = total + ((lse - picked) * m[a:b]).sum()
+            logits, lse, part = _chunk_loss(_in_order(h[a:b], grads[-1] if grads else None), w, t[a:b], m[a:b])
+            total = total + part
             d = mx.exp(logits - lse[:, None]) - (mx.arange(w.shape[0])[None] == t[a:b, None])
             grads.append((d * m[a:b, None]).astype(h.dtype) @ w)
         return total, mx.concatenate(grads)
