@@ -17,7 +17,11 @@ RUNS, WARMUP = 20, 5
 
 
 def main():
-    lib, sizes = sys.argv[1], [float(s) for s in sys.argv[2:]]
+    try:
+        lib, sizes = sys.argv[1], [float(s) for s in sys.argv[2:]]
+        assert lib in ("mlx", "torch") and sizes
+    except (IndexError, ValueError, AssertionError):
+        sys.exit("usage: allreduce.py {mlx|torch} MB [MB ...]")
     if lib == "mlx":
         import mlx.core as mx
 

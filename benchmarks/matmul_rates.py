@@ -42,6 +42,8 @@ def timed(run, sync) -> float:
 
 
 def main():
+    if len(sys.argv) != 4 or sys.argv[1] not in ("mlx", "torch") or sys.argv[2] not in SHAPES or not sys.argv[3].isdigit():
+        sys.exit(f"usage: matmul_rates.py {{mlx|torch}} {{{'|'.join(SHAPES)}}} TOKENS")
     lib, shape, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rows, total_s, flops = [], 0.0, 0.0
     for name, m, k, n, times in products(SHAPES[shape], tokens):
