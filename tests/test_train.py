@@ -85,13 +85,20 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     assert losses(run_a) != losses(run_c)
 
 
-def test_checkpointing_a_part_of_some_blocks_trains_the_same_losses(tmp_path):
-    """schedule.grad_checkpoint with checkpoint_part and checkpoint_layers, through the app: the same losses as a
-    plain run (the recomputed activations are the same numbers)."""
+def test_checkpointing_a_part_of_some_blocks_trains_the_same_losses(tmp_path, monkeypatch):
+    """schedule.grad_checkpoint with checkpoint_part and checkpoint_layers, through the app: the part and count
+    reach the model (one attention module checkpointed), and the losses are a plain run's (the recomputed
+    activations are the same numbers)."""
+    from tuning_fork import layers
+
+    real, done = layers.checkpoint_blocks, []
+    monkeypatch.setattr(layers, "checkpoint_blocks", lambda *a: done.append(real(*a)) or done[-1])  # (the real one)
     losses = lambda run: [m["train_loss"] for m in read_metrics(run) if "train_loss" in m]
     _, plain = train_in_process(tmp_path / "a", "seed=3")
+    assert done == []
     _, parts = train_in_process(tmp_path / "b", "seed=3", "schedule.grad_checkpoint=true",
                                 "schedule.checkpoint_part=attention", "schedule.checkpoint_layers=1")
+    assert done == [1]
     assert len(losses(plain)) >= 2 and losses(parts) == pytest.approx(losses(plain), rel=1e-5)
 
 
