@@ -15,7 +15,8 @@ LoRA rank 16 (alpha 32) on every linear of every block, random tokens, Adam. Var
                 schedule.reduce_bucket_mb=MB does on a GPU)
 Any variant but mlx_lm takes `+ckpt` (schedule.grad_checkpoint=true: each block recomputed in the backward pass),
 `+ckptattn` / `+ckptmlp` (schedule.checkpoint_part=attention / mlp: that half of each block only), `+plain` (no
-lean layers), `+nomlp` (no SwiGLU VJP) and `+noaddmm` (the LoRA sum as a matmul, then an add), e.g. `tuning_fork+ckpt`, `chunked128+ckptmlp`.
+lean layers), `+nomlp` (no SwiGLU VJP), `+noaddmm` (the LoRA sum as a matmul, then an add), `+flat` / `+noflat`
+(step.flat_update on / off; by default on with several ranks), e.g. `tuning_fork+ckpt`, `chunked128+ckptmlp`.
 Under `mlx.launch -n 2 --backend nccl` every rank runs BATCH x SEQ and gradients are averaged: the
 tokens/s printed is the global figure. Model FLOPs per token follow the reference measurement in
 ../shared/device/peer_bench_lora.py (forward + input-gradient backward; frozen weights get no weight grads).
@@ -27,7 +28,9 @@ does) instead of building them in memory; BENCH_FRESH=1 makes every step's batch
 data.collate does) instead of reusing one. BENCH_STEPS=N times N steps (default 10); BENCH_BARRIER=PREFIX:N waits,
 after the warm-up, until N processes have written PREFIX.<pid> (independent processes timed together, issue 23);
 BENCH_NOREDUCE=1 leaves out the gradients' all-reduce (ranks launched together, each applying its own gradients:
-what the rest of a distributed step costs).
+what the rest of a distributed step costs); BENCH_NOREDUCE=ordered leaves it out but has every update wait for
+every gradient, as the all-reduce does; BENCH_NOREDUCE=concat adds average_gradients' concatenation and split
+(issue 23: what the updates' place costs, apart from communication). BENCH_ALLRANKS=1: every rank prints.
 """
 
 from __future__ import annotations
@@ -93,7 +96,28 @@ def main():
     from tuning_fork import step as steps
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
-    if os.environ.get("BENCH_NOREDUCE"):
+    mode = os.environ.get("BENCH_NOREDUCE")
+    if mode == "ordered":  # no all-reduce, but every update waits for every gradient
+        def ordered(grad, *args):
+            from mlx.utils import tree_flatten, tree_unflatten
+
+            flat = tree_flatten(grad)
+            arrays = mx.depends([a for _, a in flat], [a for _, a in flat])
+            return tree_unflatten(list(zip([k for k, _ in flat], arrays)))
+        steps.reduce_gradients = ordered
+    elif mode == "concat":  # no all-reduce, but average_gradients' concatenate and split
+        def concat(grad, *args):
+            from mlx.utils import tree_flatten, tree_unflatten
+
+            flat = tree_flatten(grad)
+            big = mx.concatenate([a.reshape(-1) for _, a in flat]) * 1.0
+            out, at = [], 0
+            for k, a in flat:
+                out.append((k, big[at:at + a.size].reshape(a.shape)))
+                at += a.size
+            return tree_unflatten(out)
+        steps.reduce_gradients = concat
+    elif mode:
         steps.reduce_gradients = lambda grad, *args: grad
 
     variant, shape, B, T = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -101,9 +125,9 @@ def main():
     if variant == "plain":
         variant, flags = "tuning_fork", flags + ["plain"]
     parts = {"ckpt": "block", "ckptattn": "attention", "ckptmlp": "mlp"}
-    if set(flags) - {"plain", "nomlp", "noaddmm", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
-        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp, +noaddmm (not "
-                 "for mlx_lm)")
+    if set(flags) - {"plain", "nomlp", "noaddmm", "flat", "noflat", *parts} or flags and variant == "mlx_lm" or len(set(flags) & set(parts)) > 1:
+        sys.exit(f"gpu_step: unknown flags {flags}: +ckpt (or +ckptattn, +ckptmlp), +plain, +nomlp, +noaddmm, +flat, "
+                 "+noflat (not for mlx_lm)")
     if variant not in ("mlx_lm", "tuning_fork", "graphs") and not variant.startswith(("chunked", "bucketed", "streamed")):
         sys.exit(f"gpu_step: unknown variant {variant!r}: mlx_lm, tuning_fork, graphs, chunked[N], bucketed[MB], "
                  "streamed[MB]")
@@ -152,7 +176,8 @@ def main():
             lean(model, mlps=False if "nomlp" in flags else None)  # (None: as the CLI, the MLPs on a GPU only)
         part = next((parts[f] for f in flags if f in parts), None)
         step, state = make_step(model, opt, 1, grad_checkpoint=part is not None, loss_chunk=chunk, bucket_mb=bucket,
-                                comm_stream=stream, checkpoint_part=part or "block")
+                                comm_stream=stream, checkpoint_part=part or "block",
+                                flat=True if "flat" in flags else False if "noflat" in flags else None)
         batch = (tokens, mx.ones((B, T), dtype=mx.bool_))
         if os.environ.get("BENCH_FRESH"):
             import numpy as np
@@ -183,19 +208,23 @@ def main():
             time.sleep(0.01)
     steps = int(os.environ.get("BENCH_STEPS", STEPS))
     mx.reset_peak_memory()
-    tic = time.perf_counter()
+    tic, times = time.perf_counter(), []
     for _ in range(steps):
+        t0 = time.perf_counter()
         value, _ = run()
         mx.eval(state, value)
+        times.append(time.perf_counter() - t0)
     dt = (time.perf_counter() - tic) / steps
+    times.sort()
     tok_s = group.size() * B * T / dt
     fpt = flops_per_token(s, T)
     result = dict(variant="+".join([variant, *flags]), shape=shape, batch=B, seq=T, ranks=group.size(), device=str(mx.default_device()),
                   step_s=dt, tok_s=tok_s, tflops=tok_s * fpt / 1e12 / group.size(),
                   mfu=tok_s * fpt / 1e12 / group.size() / PEAK_TFLOPS, peak_gb=mx.get_peak_memory() / 1e9,
                   launches="direct" if direct else "graphs" if mx.cuda.is_available() else None,
-                  loss=value.item(), loaded=bool(os.environ.get("BENCH_MODEL")), fresh=bool(os.environ.get("BENCH_FRESH")))
-    if group.rank() == 0:
+                  loss=value.item(), loaded=bool(os.environ.get("BENCH_MODEL")), fresh=bool(os.environ.get("BENCH_FRESH")),
+                  step_ms=[round(1e3 * times[i], 2) for i in (0, len(times) // 2, -1)], rank=group.rank())
+    if group.rank() == 0 or os.environ.get("BENCH_ALLRANKS"):
         print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -176,3 +176,56 @@ def test_bucketed_last_layer_first_reduction_equals_the_plain_all_reduce(tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EQUAL 0" in proc.stdout and "EQUAL 1" in proc.stdout, proc.stdout
+
+
+FLAT = """
+import sys
+
+sys.path.insert(0, sys.argv[1])  # the checkout, for tests.test_step
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from tests.test_step import tiny_lora_model
+from tuning_fork.step import make_step, use_flat_update
+
+group = mx.distributed.init()
+rng = np.random.default_rng(group.rank())  # each rank its own batches
+batches = [mx.array(rng.integers(0, 100, (4, 17))) for _ in range(4)]
+
+
+def train(flat):
+    model, opt = tiny_lora_model(mixed=True), optim.AdamW(learning_rate=1e-2, weight_decay=0.1)
+    if flat is None:
+        assert use_flat_update(model, opt) and not use_flat_update(model, optim.Adafactor())
+    step, state = make_step(model, opt, accumulation=2, flat=flat)
+    grad = None
+    for n, tokens in enumerate(batches, 1):
+        value, _, _, grad = step((tokens, mx.ones((4, 16), dtype=mx.bool_)), grad, n % 2 == 0)
+        mx.eval(state, value, grad)
+    return dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(opt.state))
+
+
+(weights, states), (flat_weights, flat_states) = train(False), train(None)
+assert list(flat_weights) == list(weights) and list(flat_states) == list(states)
+assert all(mx.array_equal(flat_weights[k], weights[k]).item() for k in weights)
+assert all(mx.array_equal(flat_states[k], states[k]).item() for k in states)
+mine = np.array(weights["model.layers.0.self_attn.q_proj.lora_b"].astype(mx.float32))
+both = np.array(mx.distributed.all_sum(mx.array(mine)))
+assert np.array_equal(both, 2 * mine) and np.abs(mine).max() > 0  # the ranks agree, on trained weights
+print("EQUAL", group.rank())
+"""
+
+
+def test_the_flat_update_equals_average_gradients_on_two_ring_processes(tmp_path):
+    """With several ranks make_step averages the concatenated gradients in one all-reduce and updates them at
+    once (step.flat_update): the same weights and optimizer state, bit for bit, as mlx's average_gradients and
+    the per-parameter update, and the ranks stay equal."""
+    script = tmp_path / "flat.py"
+    script.write_text(FLAT)
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, str(script), str(root)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EQUAL 0" in proc.stdout and "EQUAL 1" in proc.stdout, (proc.stdout, proc.stderr[-3000:])

@@ -136,3 +136,81 @@ def test_the_compiled_step_computes_what_the_uncompiled_step_does():
     (plain, weights), (fused, compiled_weights) = train(False), train(True)
     assert fused == pytest.approx(plain, rel=1e-5)
     assert max(float(mx.abs(weights[k] - compiled_weights[k]).max()) for k in weights) < 1e-5
+
+
+def tiny_lora_model(mixed: bool = False):
+    """A 2-block random Llama with rank-4 LoRA on every linear; `mixed`: the second block in bfloat16, so that
+    the trainable weights come in two dtypes."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from tuning_fork.models import import_tuner
+
+    import_tuner()
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5, tie_word_embeddings=True)))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    if mixed:
+        model.layers[1].set_dtype(mx.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adam"])
+def test_the_flat_update_equals_the_per_parameter_update(optimizer):
+    """step.flat_update (one all-reduce and one optimizer update over the concatenated gradients, what make_step
+    does with several ranks) gives the per-parameter path's weights and optimizer state bit for bit, in the
+    per-parameter layout that checkpoints keep: AdamW under a warmup-cosine schedule, SGD with momentum and
+    Nesterov, plain Adam; trainable weights in two dtypes; accumulation over two batches."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from tuning_fork.step import make_step
+
+    rng = np.random.default_rng(0)
+    batches = [mx.array(rng.integers(0, 100, (4, 17))) for _ in range(6)]
+
+    def build():
+        if optimizer == "adamw":
+            lr = optim.join_schedules([optim.linear_schedule(0, 1e-2, 2), optim.cosine_decay(1e-2, 10)], [2])
+            return optim.AdamW(learning_rate=lr, weight_decay=0.1)
+        if optimizer == "sgd":
+            return optim.SGD(learning_rate=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)
+        return optim.Adam(learning_rate=1e-2, bias_correction=True)
+
+    def train(flat: bool):
+        model, opt = tiny_lora_model(mixed=True), build()
+        step, state = make_step(model, opt, accumulation=2, flat=flat)
+        grad, losses = None, []
+        for n, tokens in enumerate(batches, 1):
+            value, _, _, grad = step((tokens, mx.ones((4, 16), dtype=mx.bool_)), grad, n % 2 == 0)
+            mx.eval(state, value, grad)
+            losses.append(value.item())
+        return losses, dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(opt.state))
+
+    (losses, weights, states), (flat_losses, flat_weights, flat_states) = train(False), train(True)
+    assert flat_losses == losses
+    assert {str(a.dtype) for a in weights.values()} == {"mlx.core.float32", "mlx.core.bfloat16"}
+    assert list(flat_weights) == list(weights) and list(flat_states) == list(states)
+    for key in weights:
+        assert flat_weights[key].dtype == weights[key].dtype and mx.array_equal(flat_weights[key], weights[key]), key
+    for key in states:
+        assert mx.array_equal(flat_states[key], states[key]), key
+    assert not mx.array_equal(weights["model.layers.0.self_attn.q_proj.lora_b"],
+                              mx.zeros_like(weights["model.layers.0.self_attn.q_proj.lora_b"]))  # it trained
+
+
+def test_the_flat_update_is_used_with_several_ranks_and_an_elementwise_optimizer_only():
+    import mlx.optimizers as optim
+
+    from tuning_fork import step
+
+    model = tiny_lora_model()
+    assert step.elementwise(optim.AdamW(1e-3)) and step.elementwise(optim.SGD(1e-3)) and step.elementwise(optim.Lion(1e-3))
+    assert not step.elementwise(optim.Adafactor()) and not step.elementwise(optim.Muon(1e-3))
+    assert not step.use_flat_update(model, optim.AdamW(1e-3))  # one process: mlx's per-parameter update

@@ -285,13 +285,89 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
     return tree_unflatten(out)
 
 
+FLAT_KEY = "__flat__"  # flat_update's concatenated state, inside optimizer.state during the update only
+FLAT_MAX_BYTES = 2**30  # above this (full fine-tuning), the flat copies would cost more memory than launches save
+
+
+def elementwise(optimizer) -> bool:
+    """Whether `optimizer` updates each element from that element alone (Adam, AdamW, SGD, Lion, ...): then
+    one update over the concatenated parameters equals the per-parameter updates. Adafactor (factored second
+    moments) and Muon (orthogonalized matrices) work on whole matrices."""
+    import mlx.optimizers as optim
+
+    return isinstance(optimizer, (optim.SGD, optim.Adam, optim.RMSprop, optim.Adagrad, optim.AdaDelta, optim.Lion))
+
+
+def use_flat_update(model, optimizer, bucket_mb: float = BUCKET_MB) -> bool:
+    """flat_update for this run: several ranks, mlx's all-reduce (no buckets), an elementwise optimizer and
+    adapter-sized trainable weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    if mx.distributed.init().size() == 1 or bucket_mb > 0 or not elementwise(optimizer):
+        return False
+    return sum(a.nbytes for _, a in tree_flatten(model.trainable_parameters())) <= FLAT_MAX_BYTES
+
+
+def flat_update(model, optimizer, grad, accumulation: int = 1) -> None:
+    """Average `grad` across ranks and apply `optimizer`, over all parameters of a dtype at once.
+
+    The gradients, parameters and optimizer state of each dtype are concatenated into one vector; one
+    all-reduce and one optimizer update run on it; the results are split back (views, no copies) into the
+    per-parameter layout that optimizer.state and the checkpoints keep. For an elementwise optimizer each
+    element goes through the same operations as in mlx's average_gradients + optimizer.update, so the results
+    are identical (tests/test_distributed.py). Why: on a GPU, the per-parameter update is a few kernels per
+    parameter (Adam: the learning rate's cast, the bias corrections, the fused update), launched one by one
+    by the host once the all-reduce has made them wait for the whole backward pass, where the GPU idles
+    between them. On two H200s that cost 13 ms of a 131 ms step at 1B 8x1024 (1.81x one GPU); flat,
+    115.5 ms (2.05x). Without an all-reduce the updates interleave with the backward pass, hidden
+    (BENCHMARKS.md, "Session 9")."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    n = mx.distributed.init().size()
+    flat = tree_flatten(grad)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    states = dict(tree_flatten(optimizer.state, is_leaf=lambda x: isinstance(x, dict) and
+                               all(isinstance(v, mx.array) for v in x.values())))
+    groups: dict[str, list[int]] = {}
+    for i, (_, a) in enumerate(flat):
+        groups.setdefault(str(a.dtype), []).append(i)
+    cat = lambda arrays: mx.concatenate([a.reshape(-1) for a in arrays])
+    gs, ps, ss = {}, {}, {}
+    for name, idx in groups.items():
+        g = cat([flat[i][1] for i in idx])
+        if n > 1:
+            g = mx.distributed.all_sum(g) / n  # on the backend's stream, as average_gradients
+        if accumulation > 1:
+            g = g / accumulation
+        gs[name], ps[name] = g, cat([params[flat[i][0]] for i in idx])
+        ss[name] = {k: cat([states[flat[i][0]][k] for i in idx]) for k in states[flat[idx[0]][0]]}
+    optimizer.state[FLAT_KEY] = ss
+    try:
+        new = optimizer.apply_gradients({FLAT_KEY: gs}, {FLAT_KEY: ps})[FLAT_KEY]
+    finally:
+        ss = optimizer.state.pop(FLAT_KEY)
+    out = []
+    for name, idx in groups.items():
+        at = 0
+        for i in idx:
+            key, shape, size = flat[i][0], flat[i][1].shape, flat[i][1].size
+            out.append((key, new[name][at:at + size].reshape(shape)))
+            for k, v in ss[name].items():
+                states[key][k] = v[at:at + size].reshape(shape)
+            at += size
+    model.update(tree_unflatten(out))
+
+
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
               loss_fn=None, bucket_mb: float = BUCKET_MB, comm_stream=None, checkpoint_part: str = "block",
-              checkpoint_layers: int | None = None):
+              checkpoint_layers: int | None = None, flat: bool | None = None):
     """The compiled training step, as mlx-lm builds it: gradients accumulate over `accumulation` batches,
     are averaged across data-parallel ranks, then applied. `loss_fn(model, *batch) -> (loss, weight, aux)` is
     the objective's (default: next-token loss); aux is a dict of arrays (its metrics, and "tokens" trained).
     `grad_checkpoint`: recompute `checkpoint_part` of the first `checkpoint_layers` blocks (layers.checkpoint_blocks).
+    `flat`: average and update over concatenated gradients (flat_update; None: use_flat_update decides).
     Returns (step, state): step(batch, grad, update) -> (loss, weight, aux, grad); evaluate `state` after each."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -304,6 +380,9 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
     value_and_grad = nn.value_and_grad(model, loss_fn or with_tokens(partial(loss, chunk=loss_chunk)))
     if bucket_mb > 0 and comm_stream is None and mx.default_device() == mx.gpu:
         comm_stream = mx.new_stream(mx.gpu)  # the buckets' all-reduces beside the backward pass (BENCHMARKS.md)
+    flat = use_flat_update(model, optimizer, bucket_mb) if flat is None else flat
+    if flat:  # flat_update fills the per-parameter state it concatenates
+        optimizer.init(model.trainable_parameters())
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -312,10 +391,13 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
         if update:
-            grad = reduce_gradients(grad, bucket_mb, comm_stream)
-            if accumulation > 1:
-                grad = tree_map(lambda g: g / accumulation, grad)
-            optimizer.update(model, grad)
+            if flat:
+                flat_update(model, optimizer, grad, accumulation)
+            else:
+                grad = reduce_gradients(grad, bucket_mb, comm_stream)
+                if accumulation > 1:
+                    grad = tree_map(lambda g: g / accumulation, grad)
+                optimizer.update(model, grad)
             grad = None
         return value, toks, aux, grad
 
