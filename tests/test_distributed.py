@@ -188,7 +188,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from tests.test_step import tiny_lora_model
-from tuning_fork.step import make_step, use_flat_update
+from tuning_fork.step import make_step, per_parameter_state, use_flat_update
 
 group = mx.distributed.init()
 rng = np.random.default_rng(group.rank())  # each rank its own batches
@@ -204,7 +204,7 @@ def train(flat):
     for n, tokens in enumerate(batches, 1):
         value, _, _, grad = step((tokens, mx.ones((4, 16), dtype=mx.bool_)), grad, n % 2 == 0)
         mx.eval(state, value, grad)
-    return dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(opt.state))
+    return dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(per_parameter_state(model, opt)))
 
 
 (weights, states), (flat_weights, flat_states) = train(False), train(None)

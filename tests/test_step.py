@@ -170,7 +170,9 @@ def test_the_flat_update_equals_the_per_parameter_update(optimizer):
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten
 
-    from tuning_fork.step import make_step
+    from mlx.utils import tree_unflatten
+
+    from tuning_fork.step import FLAT_KEY, flatten_optimizer_state, make_step, per_parameter_state
 
     rng = np.random.default_rng(0)
     batches = [mx.array(rng.integers(0, 100, (4, 17))) for _ in range(6)]
@@ -191,9 +193,17 @@ def test_the_flat_update_equals_the_per_parameter_update(optimizer):
             value, _, _, grad = step((tokens, mx.ones((4, 16), dtype=mx.bool_)), grad, n % 2 == 0)
             mx.eval(state, value, grad)
             losses.append(value.item())
-        return losses, dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(opt.state))
+        assert (FLAT_KEY in opt.state) is flat
+        train.last = opt
+        return losses, dict(tree_flatten(model.trainable_parameters())), dict(tree_flatten(per_parameter_state(model, opt)))
 
     (losses, weights, states), (flat_losses, flat_weights, flat_states) = train(False), train(True)
+    restored = build()  # a checkpoint's per-parameter state, flattened again, is the state it was saved from
+    restored.state = tree_unflatten(list(flat_states.items()))
+    flatten_optimizer_state(tiny_lora_model(mixed=True), restored)
+    saved = dict(tree_flatten(train.last.state))
+    assert list(dict(tree_flatten(restored.state))) == list(saved)
+    assert all(mx.array_equal(v, saved[k]) for k, v in tree_flatten(restored.state))
     assert flat_losses == losses
     assert {str(a.dtype) for a in weights.values()} == {"mlx.core.float32", "mlx.core.bfloat16"}
     assert list(flat_weights) == list(weights) and list(flat_states) == list(states)

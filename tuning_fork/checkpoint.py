@@ -91,7 +91,9 @@ class Checkpoints:
         tmp = self.folder / f".{done:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        arrays = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+        from .step import per_parameter_state
+
+        arrays = {f"optimizer.{k}": v for k, v in tree_flatten(per_parameter_state(model, optimizer))}
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), arrays)
         (tmp / "state.json").write_text(json.dumps({**state.to_json(), "step": done}, indent=1))
         for f in (weights, tmp / "optimizer.safetensors", tmp / "state.json"):

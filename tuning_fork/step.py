@@ -285,7 +285,7 @@ def reduce_gradients(grad, bucket_mb: float = BUCKET_MB, stream=None):
     return tree_unflatten(out)
 
 
-FLAT_KEY = "__flat__"  # flat_update's concatenated state, inside optimizer.state during the update only
+FLAT_KEY = "__flat__"  # optimizer.state's entry for flat_update's concatenated state
 FLAT_MAX_BYTES = 2**30  # above this (full fine-tuning), the flat copies would cost more memory than launches save
 
 
@@ -309,54 +309,96 @@ def use_flat_update(model, optimizer, bucket_mb: float = BUCKET_MB) -> bool:
     return sum(a.nbytes for _, a in tree_flatten(model.trainable_parameters())) <= FLAT_MAX_BYTES
 
 
-def flat_update(model, optimizer, grad, accumulation: int = 1) -> None:
-    """Average `grad` across ranks and apply `optimizer`, over all parameters of a dtype at once.
+def _flat_groups(model):
+    """The trainable weights as tree_flatten lists them, and their indices grouped by dtype."""
+    from mlx.utils import tree_flatten
 
-    The gradients, parameters and optimizer state of each dtype are concatenated into one vector; one
-    all-reduce and one optimizer update run on it; the results are split back (views, no copies) into the
-    per-parameter layout that optimizer.state and the checkpoints keep. For an elementwise optimizer each
-    element goes through the same operations as in mlx's average_gradients + optimizer.update, so the results
-    are identical (tests/test_distributed.py). Why: on a GPU, the per-parameter update is a few kernels per
-    parameter (Adam: the learning rate's cast, the bias corrections, the fused update), launched one by one
-    by the host once the all-reduce has made them wait for the whole backward pass, where the GPU idles
-    between them. On two H200s that cost 13 ms of a 131 ms step at 1B 8x1024 (1.81x one GPU); flat,
-    115.5 ms (2.05x). Without an all-reduce the updates interleave with the backward pass, hidden
-    (BENCHMARKS.md, "Session 9")."""
+    flat = tree_flatten(model.trainable_parameters())
+    groups: dict[str, list[int]] = {}
+    for i, (_, a) in enumerate(flat):
+        groups.setdefault(str(a.dtype).split(".")[-1], []).append(i)
+    return flat, groups
+
+
+def _cat(arrays):
+    import mlx.core as mx
+
+    return mx.concatenate([a.reshape(-1) for a in arrays])
+
+
+def flatten_optimizer_state(model, optimizer) -> None:
+    """Turn optimizer.state's per-parameter entries into one vector per dtype and entry (Adam's m and v), under
+    FLAT_KEY, in place (the compiled step holds this dict). A state restored from a checkpoint is taken as is."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    state = optimizer.state
+    if FLAT_KEY in state:
+        return
+    optimizer.init(model.trainable_parameters())  # zeros where nothing was restored
+    entries = dict(tree_flatten(state, is_leaf=lambda x: isinstance(x, dict) and
+                                all(isinstance(v, mx.array) for v in x.values())))
+    flat, groups = _flat_groups(model)
+    state[FLAT_KEY] = {name: {k: _cat([entries[flat[i][0]][k] for i in idx]) for k in entries[flat[idx[0]][0]]}
+                       for name, idx in groups.items()}
+    for root in model.trainable_parameters():
+        state.pop(root)
+
+
+def per_parameter_state(model, optimizer) -> dict:
+    """optimizer.state in mlx's per-parameter layout (what checkpoints keep, whatever the ranks), flat or not."""
+    from mlx.utils import tree_unflatten
+
+    state = optimizer.state
+    if FLAT_KEY not in state:
+        return state
+    flat, groups = _flat_groups(model)
+    entries = []
+    for name, idx in groups.items():
+        for k, vector in state[FLAT_KEY][name].items():
+            at = 0
+            for i in idx:
+                key, a = flat[i]
+                entries.append((f"{key}.{k}", vector[at:at + a.size].reshape(a.shape)))
+                at += a.size
+    return {**{k: v for k, v in state.items() if k != FLAT_KEY}, **tree_unflatten(entries)}
+
+
+def flat_update(model, optimizer, grad, accumulation: int = 1) -> None:
+    """Average `grad` across ranks and apply `optimizer`, over all trainable weights of a dtype at once.
+
+    The gradients and weights of each dtype are concatenated into one vector; one all-reduce and one optimizer
+    update run on it, with the optimizer's state kept as such vectors (flatten_optimizer_state; checkpoints
+    get mlx's per-parameter layout from per_parameter_state); the new weights are split back (views, no
+    copies). For an elementwise optimizer each element goes through the same operations as in mlx's
+    average_gradients + optimizer.update, so the results are identical (tests/test_step.py,
+    tests/test_distributed.py). Why: on a GPU the per-parameter update is a few kernels per weight (Adam: the
+    learning rate's cast, the bias corrections, the fused update), which the all-reduce makes wait for the
+    whole backward pass; there the host launches them one by one while the GPU idles between them. On two
+    H200s at 1B 8x1024 that cost 13 ms of a 131 ms step (1.81x one GPU); flat, 115.5 ms (2.05x). Without an
+    all-reduce the updates interleave with the backward pass, hidden (BENCHMARKS.md, "Session 9")."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
     n = mx.distributed.init().size()
-    flat = tree_flatten(grad)
-    params = dict(tree_flatten(model.trainable_parameters()))
-    states = dict(tree_flatten(optimizer.state, is_leaf=lambda x: isinstance(x, dict) and
-                               all(isinstance(v, mx.array) for v in x.values())))
-    groups: dict[str, list[int]] = {}
-    for i, (_, a) in enumerate(flat):
-        groups.setdefault(str(a.dtype), []).append(i)
-    cat = lambda arrays: mx.concatenate([a.reshape(-1) for a in arrays])
-    gs, ps, ss = {}, {}, {}
+    grads = dict(tree_flatten(grad))
+    flat, groups = _flat_groups(model)
+    gs, ps = {}, {}
     for name, idx in groups.items():
-        g = cat([flat[i][1] for i in idx])
+        g = _cat([grads[flat[i][0]] for i in idx])
         if n > 1:
             g = mx.distributed.all_sum(g) / n  # on the backend's stream, as average_gradients
         if accumulation > 1:
             g = g / accumulation
-        gs[name], ps[name] = g, cat([params[flat[i][0]] for i in idx])
-        ss[name] = {k: cat([states[flat[i][0]][k] for i in idx]) for k in states[flat[idx[0]][0]]}
-    optimizer.state[FLAT_KEY] = ss
-    try:
-        new = optimizer.apply_gradients({FLAT_KEY: gs}, {FLAT_KEY: ps})[FLAT_KEY]
-    finally:
-        ss = optimizer.state.pop(FLAT_KEY)
+        gs[name], ps[name] = g, _cat([flat[i][1] for i in idx])
+    new = optimizer.apply_gradients({FLAT_KEY: gs}, {FLAT_KEY: ps})[FLAT_KEY]
     out = []
     for name, idx in groups.items():
         at = 0
         for i in idx:
-            key, shape, size = flat[i][0], flat[i][1].shape, flat[i][1].size
-            out.append((key, new[name][at:at + size].reshape(shape)))
-            for k, v in ss[name].items():
-                states[key][k] = v[at:at + size].reshape(shape)
-            at += size
+            key, a = flat[i]
+            out.append((key, new[name][at:at + a.size].reshape(a.shape)))
+            at += a.size
     model.update(tree_unflatten(out))
 
 
@@ -381,8 +423,8 @@ def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False
     if bucket_mb > 0 and comm_stream is None and mx.default_device() == mx.gpu:
         comm_stream = mx.new_stream(mx.gpu)  # the buckets' all-reduces beside the backward pass (BENCHMARKS.md)
     flat = use_flat_update(model, optimizer, bucket_mb) if flat is None else flat
-    if flat:  # flat_update fills the per-parameter state it concatenates
-        optimizer.init(model.trainable_parameters())
+    if flat:
+        flatten_optimizer_state(model, optimizer)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
