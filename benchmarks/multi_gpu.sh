@@ -6,6 +6,7 @@
 #   bash benchmarks/multi_gpu.sh 1b     then, in the next call,     bash benchmarks/multi_gpu.sh 8b
 #   bash benchmarks/multi_gpu.sh quick  the step alone on 1 and 2 GPUs at 1B and 8B (one call)
 #   bash benchmarks/multi_gpu.sh flat   the step on 1 GPU, then on 2 with and without step.flat_update, 1B and 8B
+#   bash benchmarks/multi_gpu.sh final  flat, then 2 ranks without the all-reduce, then the CLI on 1 and 2 GPUs
 #   bash benchmarks/multi_gpu.sh tail1b (tail8b) what the updates' place after the all-reduce costs (session 9)
 #   bash benchmarks/multi_gpu.sh cli    the CLI end to end on 1 and 2 GPUs (writes the model first)
 #   bash benchmarks/multi_gpu.sh apart  the same, and two independent one-GPU processes timed together (no
@@ -68,25 +69,33 @@ if [ "$part" = quick ]; then  # the step alone, 1 and 2 GPUs, 1B then 8B (no mod
   done
   exit 0
 fi
-if [ "$part" = flat ]; then  # issue 23's figures with step.flat_update (the default with several ranks) and without
+if [ "$part" = flat ] || [ "$part" = final ]; then  # issue 23: step.flat_update (default with several ranks) and not
   export BENCH_STEPS=30
   for shape in "1b 8 1024" "8b 4 2048"; do
     CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
     step2 tuning_fork $shape
     step2 tuning_fork+noflat $shape
   done
+  [ "$part" = flat ] && exit 0
+  BENCH_NOREDUCE=1 step2 tuning_fork 1b 8 1024
+  make_model
+  cli
   exit 0
 fi
 if [ "$part" = tail1b ] || [ "$part" = tail8b ]; then  # issue 23: what the all-reduce's place in the step costs
   export BENCH_STEPS=30 BENCH_ALLRANKS=1
   shape="1b 8 1024"; [ "$part" = tail8b ] && shape="8b 4 2048"
-  if [ "$part" = flat ]; then  # issue 23's figures with step.flat_update (the default with several ranks) and without
+  if [ "$part" = flat ] || [ "$part" = final ]; then  # issue 23: step.flat_update (default with several ranks) and not
   export BENCH_STEPS=30
   for shape in "1b 8 1024" "8b 4 2048"; do
     CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
     step2 tuning_fork $shape
     step2 tuning_fork+noflat $shape
   done
+  [ "$part" = flat ] && exit 0
+  BENCH_NOREDUCE=1 step2 tuning_fork 1b 8 1024
+  make_model
+  cli
   exit 0
 fi
 if [ "$part" = tail1b ]; then
