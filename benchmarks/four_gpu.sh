@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issue 23 on `nvidia-h200-x4` (after ../shared/device/stage.sh and its first call): tuning_fork's step on 1, 2
-# and 4 GPUs (mlx.launch --backend nccl), per GPU 1B 8x1024 or 8B 4x2048, with mlx's all-reduce after the
-# backward pass (tuning_fork) and with 8 MB buckets reduced on a stream of their own beside it (streamed8).
+# Issue 23 on `nvidia-h200-x4` or `-x8` (after ../shared/device/stage.sh and its first call): tuning_fork's step
+# on 1, 2, 4 (and 8, where there are eight) GPUs (mlx.launch --backend nccl), per GPU 1B 8x1024 or 8B 4x2048:
+# the default (step.flat_update: one all-reduce and one optimizer update over the concatenated gradients), mlx's
+# average_gradients and per-parameter update (tuning_fork+noflat), and 8 MB buckets reduced on a stream of their
+# own beside the backward pass (streamed8).
 # One shape per call (a call may run 10 minutes); logs and RESULT lines under $OUT.
 #   bash benchmarks/four_gpu.sh 1b        then, in the next call,        bash benchmarks/four_gpu.sh 8b
 set -u
@@ -18,7 +20,12 @@ run() {  # run N VARIANT
   fi 2>&1 | tee "$OUT/${shape}_${n}_${v}.log" | grep RESULT || echo "FAILED n=$n $v $shape"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+gpus=$(nvidia-smi -L | wc -l)
+export BENCH_STEPS=30
 run 1 tuning_fork
-run 2 tuning_fork
-run 4 tuning_fork
+for n in 2 4 8; do
+  [ "$n" -le "$gpus" ] || break
+  run $n tuning_fork
+  run $n tuning_fork+noflat
+done
 [ "${2:-}" = quick ] || run 4 streamed8

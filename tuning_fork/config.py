@@ -161,7 +161,8 @@ class ScheduleConfig:
     #                           losses and gradients, fewer saved activations (tuning_fork/layers.py, BENCHMARKS.md)
     loss_chunk: Optional[int] = None  # logits this many positions at a time (big vocabularies); null: all at once
     reduce_bucket_mb: float = 0.0  # several ranks: > 0 averages gradients in buckets of this size, last layer first,
-    #                                on a GPU stream of their own (beside the backward pass)
+    #                                on a GPU stream of their own (beside the backward pass); 0: one all-reduce
+    #                                and one optimizer update over all of them (step.flat_update)
     # the plan in epochs and proportions (mlx-tuning-fork's names); see tuning_fork/schedule.py
     epochs: Optional[float] = None  # wins over iters; with neither, one epoch
     evals_per_epoch: Optional[float] = None

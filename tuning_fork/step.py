@@ -375,8 +375,9 @@ def flat_update(model, optimizer, grad, accumulation: int = 1) -> None:
     tests/test_distributed.py). Why: on a GPU the per-parameter update is a few kernels per weight (Adam: the
     learning rate's cast, the bias corrections, the fused update), which the all-reduce makes wait for the
     whole backward pass; there the host launches them one by one while the GPU idles between them. On two
-    H200s at 1B 8x1024 that cost 13 ms of a 131 ms step (1.81x one GPU); flat, 115.5 ms (2.05x). Without an
-    all-reduce the updates interleave with the backward pass, hidden (BENCHMARKS.md, "Session 9")."""
+    H200s at 1B 8x1024 per GPU: 124.0 ms a step that way (1.93x one GPU), 116.8 ms flat (2.06x), 113.9 ms
+    with no all-reduce at all; at 8B 4x2048, 1.96x and 2.01x (one call). Without an all-reduce the updates
+    interleave with the backward pass, hidden (BENCHMARKS.md, "Session 9")."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
