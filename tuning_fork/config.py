@@ -430,7 +430,7 @@ RANGES = [
     ("eval.generate.max_tokens", lambda v: v >= 1, "use at least 1 token"),
     ("schedule.lr_schedule.min_lr", lambda v: v >= 0, "use 0 or a positive learning rate"),
     ("schedule.lr_schedule.min_lr_ratio", lambda v: 0 <= v <= 1, "use a share of the peak rate in [0, 1]"),
-    ("schedule.reduce_bucket_mb", lambda v: v >= 0, "use 0 (mlx's all-reduce) or a bucket size in MB"),
+    ("schedule.reduce_bucket_mb", lambda v: v >= 0, "use 0 (one all-reduce over all gradients) or a bucket size in MB"),
     ("schedule.checkpoint_layers", lambda v: v >= 1, "use at least 1 block, or null for all of them"),
 ]
 
