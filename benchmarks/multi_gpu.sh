@@ -85,26 +85,13 @@ fi
 if [ "$part" = tail1b ] || [ "$part" = tail8b ]; then  # issue 23: what the all-reduce's place in the step costs
   export BENCH_STEPS=30 BENCH_ALLRANKS=1
   shape="1b 8 1024"; [ "$part" = tail8b ] && shape="8b 4 2048"
-  if [ "$part" = flat ] || [ "$part" = final ]; then  # issue 23: step.flat_update (default with several ranks) and not
-  export BENCH_STEPS=30
-  for shape in "1b 8 1024" "8b 4 2048"; do
-    CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
-    step2 tuning_fork $shape
-    step2 tuning_fork+noflat $shape
-  done
-  [ "$part" = flat ] && exit 0
-  BENCH_NOREDUCE=1 step2 tuning_fork 1b 8 1024
-  make_model
-  cli
-  exit 0
-fi
-if [ "$part" = tail1b ]; then
+  if [ "$part" = tail1b ]; then
     CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
     CUDA_VISIBLE_DEVICES=0 BENCH_NOREDUCE=ordered step tuning_fork $shape
     CUDA_VISIBLE_DEVICES=0 BENCH_NOREDUCE=concat step tuning_fork $shape
   fi
   CUDA_VISIBLE_DEVICES=0 step tuning_fork+flat $shape
-  step2 tuning_fork $shape
+  step2 tuning_fork+noflat $shape  # average_gradients and the per-parameter update
   step2 tuning_fork+flat $shape
   [ "$part" = tail1b ] && BENCH_NOREDUCE=1 step2 tuning_fork $shape
   [ "$part" = tail8b ] && CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
