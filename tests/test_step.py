@@ -12,6 +12,28 @@ def limit_now() -> int:
     return mx.get_memory_limit()
 
 
+def tiny_lora_model(mixed: bool = False):
+    """A 2-block random Llama with rank-4 LoRA on every linear; `mixed`: the second block in bfloat16, so that
+    the trainable weights come in two dtypes."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from tuning_fork.models import import_tuner
+
+    import_tuner()
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5, tie_word_embeddings=True)))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    if mixed:
+        model.layers[1].set_dtype(mx.bfloat16)
+    return model
+
+
 def test_direct_cuda_launches_leaves_other_devices_alone(monkeypatch):
     import mlx.core as mx
 
@@ -29,13 +51,8 @@ def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps
     unpaced ones do, and closing restores the limit that was there before."""
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx_lm.models import llama
 
-    from tuning_fork.models import import_tuner
     from tuning_fork.step import HEADROOM, HostPace, make_step
-
-    import_tuner()
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     rng = np.random.default_rng(0)
     shapes = [(4, 17), (4, 17), (4, 17), (8, 33), (4, 17), (8, 33)]  # (rows, length + 1) per step
@@ -43,12 +60,7 @@ def test_host_pace_runs_first_updates_and_new_largest_batches_in_order_then_caps
     strict_at = [1, 2, 4]  # the first update is step 2 (accumulation 2); step 4 is the first bigger batch
 
     def losses(paced: bool) -> list[float]:
-        mx.random.seed(0)
-        model = llama.Model(llama.ModelArgs.from_dict(dict(
-            model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5, tie_word_embeddings=True)))
-        model.freeze()
-        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+        model = tiny_lora_model()
         step, state = make_step(model, optim.Adam(learning_rate=1e-2), accumulation=2)
         grad, out, cap = None, [], None
         before = limit_now()
@@ -136,28 +148,6 @@ def test_the_compiled_step_computes_what_the_uncompiled_step_does():
     (plain, weights), (fused, compiled_weights) = train(False), train(True)
     assert fused == pytest.approx(plain, rel=1e-5)
     assert max(float(mx.abs(weights[k] - compiled_weights[k]).max()) for k in weights) < 1e-5
-
-
-def tiny_lora_model(mixed: bool = False):
-    """A 2-block random Llama with rank-4 LoRA on every linear; `mixed`: the second block in bfloat16, so that
-    the trainable weights come in two dtypes."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
-
-    from tuning_fork.models import import_tuner
-
-    import_tuner()
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(dict(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-5, tie_word_embeddings=True)))
-    model.freeze()
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
-    if mixed:
-        model.layers[1].set_dtype(mx.bfloat16)
-    return model
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adam"])
