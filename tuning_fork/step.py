@@ -326,6 +326,14 @@ def _cat(arrays):
     return mx.concatenate([a.reshape(-1) for a in arrays])
 
 
+def _split(vector, items):
+    """(key, view of `vector` shaped as `a`) for each (key, a) of `items`, in the order _cat joined them."""
+    at = 0
+    for key, a in items:
+        yield key, vector[at:at + a.size].reshape(a.shape)
+        at += a.size
+
+
 def flatten_optimizer_state(model, optimizer) -> None:
     """Turn optimizer.state's per-parameter entries into one vector per dtype and entry (Adam's m and v), under
     FLAT_KEY, in place (the compiled step holds this dict). A state restored from a checkpoint is taken as is."""
@@ -353,14 +361,8 @@ def per_parameter_state(model, optimizer) -> dict:
     if FLAT_KEY not in state:
         return state
     flat, groups = _flat_groups(model)
-    entries = []
-    for name, idx in groups.items():
-        for k, vector in state[FLAT_KEY][name].items():
-            at = 0
-            for i in idx:
-                key, a = flat[i]
-                entries.append((f"{key}.{k}", vector[at:at + a.size].reshape(a.shape)))
-                at += a.size
+    entries = [(f"{key}.{k}", view) for name, idx in groups.items() for k, vector in state[FLAT_KEY][name].items()
+               for key, view in _split(vector, [flat[i] for i in idx])]
     return {**{k: v for k, v in state.items() if k != FLAT_KEY}, **tree_unflatten(entries)}
 
 
@@ -393,14 +395,7 @@ def flat_update(model, optimizer, grad, accumulation: int = 1) -> None:
             g = g / accumulation
         gs[name], ps[name] = g, _cat([flat[i][1] for i in idx])
     new = optimizer.apply_gradients({FLAT_KEY: gs}, {FLAT_KEY: ps})[FLAT_KEY]
-    out = []
-    for name, idx in groups.items():
-        at = 0
-        for i in idx:
-            key, a = flat[i]
-            out.append((key, new[name][at:at + a.size].reshape(a.shape)))
-            at += a.size
-    model.update(tree_unflatten(out))
+    model.update(tree_unflatten([kv for name, idx in groups.items() for kv in _split(new[name], [flat[i] for i in idx])]))
 
 
 def make_step(model, optimizer, accumulation: int, grad_checkpoint: bool = False, loss_chunk: int | None = None,
