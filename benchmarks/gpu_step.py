@@ -97,6 +97,8 @@ def main():
     from tuning_fork.step import HostPace, direct_cuda_launches, make_step
 
     mode = os.environ.get("BENCH_NOREDUCE")
+    if mode not in (None, "", "1", "ordered", "concat"):
+        sys.exit(f"gpu_step: BENCH_NOREDUCE={mode!r}: use 1, ordered or concat")
     if mode == "ordered":  # no all-reduce, but every update waits for every gradient
         def ordered(grad, *args):
             from mlx.utils import tree_flatten, tree_unflatten

@@ -13,6 +13,9 @@
 #                                       all-reduce): what two GPUs on one host give without communicating
 set -u
 part=${1:-1b}
+case "$part" in 1b|8b|quick|apart|flat|final|tail1b|tail8b|cli|model) ;;
+  *) echo "multi_gpu.sh: unknown part '$part': use 1b, 8b, quick, apart, flat, final, tail1b, tail8b, cli or model" >&2; exit 2;;
+esac
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
 # the package as a wheel lays it out (conf/ ships as tuning_fork.conf), without pip: this checkout is a copy
 [ -e tuning_fork/conf ] || cp -r conf tuning_fork/conf
