@@ -6,6 +6,7 @@
 #   bash benchmarks/multi_gpu.sh 1b     then, in the next call,     bash benchmarks/multi_gpu.sh 8b
 #   bash benchmarks/multi_gpu.sh quick  the step alone on 1 and 2 GPUs at 1B and 8B (one call)
 #   bash benchmarks/multi_gpu.sh flat   the step on 1 GPU, then on 2 with and without step.flat_update, 1B and 8B
+#   bash benchmarks/multi_gpu.sh peer   1B on 1 and 2 GPUs: ours, then PyTorch + PEFT under DDP (eager, compiled)
 #   bash benchmarks/multi_gpu.sh final  flat, then 2 ranks without the all-reduce, then the CLI on 1 and 2 GPUs
 #   bash benchmarks/multi_gpu.sh tail1b (tail8b) what the updates' place after the all-reduce costs (session 9)
 #   bash benchmarks/multi_gpu.sh cli    the CLI end to end on 1 and 2 GPUs (writes the model first)
@@ -13,8 +14,8 @@
 #                                       all-reduce): what two GPUs on one host give without communicating
 set -u
 part=${1:-1b}
-case "$part" in 1b|8b|quick|apart|flat|final|tail1b|tail8b|cli|model) ;;
-  *) echo "multi_gpu.sh: unknown part '$part': use 1b, 8b, quick, apart, flat, final, tail1b, tail8b, cli or model" >&2; exit 2;;
+case "$part" in 1b|8b|quick|apart|flat|final|tail1b|tail8b|cli|model|peer) ;;
+  *) echo "multi_gpu.sh: unknown part '$part': use 1b, 8b, quick, apart, flat, final, tail1b, tail8b, cli, model or peer" >&2; exit 2;;
 esac
 [ -d /tmp/tf-site/mlx ] || bash .device/p2/unpack.sh || exit 3
 # the package as a wheel lays it out (conf/ ships as tuning_fork.conf), without pip: this checkout is a copy
@@ -69,6 +70,17 @@ if [ "$part" = quick ]; then  # the step alone, 1 and 2 GPUs, 1B then 8B (no mod
   for shape in "1b 8 1024" "8b 4 2048"; do
     CUDA_VISIBLE_DEVICES=0 step tuning_fork $shape
     step2 tuning_fork $shape
+  done
+  exit 0
+fi
+if [ "$part" = peer ]; then  # issue 23 against PyTorch + PEFT under DDP (benchmarks/ddp_peer.py), 1B, one call
+  export BENCH_STEPS=20
+  CUDA_VISIBLE_DEVICES=0 step tuning_fork 1b 8 1024
+  step2 tuning_fork 1b 8 1024
+  for v in eager compile; do
+    for n in 1 2; do
+      PYTHONPATH= timeout 200 torchrun --standalone --nproc_per_node $n benchmarks/ddp_peer.py $v 1b 8 1024 2>&1 | grep RESULT || echo "FAILED ddp $v n=$n"
+    done
   done
   exit 0
 fi
