@@ -77,10 +77,9 @@ if [ "$part" = peer ]; then  # issue 23 against PyTorch + PEFT under DDP (benchm
   export BENCH_STEPS=20
   CUDA_VISIBLE_DEVICES=0 step tuning_fork 1b 8 1024
   step2 tuning_fork 1b 8 1024
-  for v in eager compile; do
-    for n in 1 2; do
-      PYTHONPATH= timeout 200 torchrun --standalone --nproc_per_node $n benchmarks/ddp_peer.py $v 1b 8 1024 2>&1 | grep RESULT || echo "FAILED ddp $v n=$n"
-    done
+  for run in "eager 1" "eager 2" "compile 2" "compile 1"; do
+    set -- $run
+    PYTHONPATH= timeout 200 torchrun --standalone --nproc_per_node $2 benchmarks/ddp_peer.py $1 1b 8 1024 2>&1 | grep RESULT || echo "FAILED ddp $run"
   done
   exit 0
 fi
